@@ -1,0 +1,81 @@
+"""The `ingest` command. Each concept's commands live in their own module of this package
+and are listed in COMMAND_MODULES; each module exports `commands`, a list of click commands."""
+
+import importlib
+import sqlite3
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from ..config import load_config
+from ..errors import IngestError
+from ..logs import redact
+from ..store import open_db, resolve_db_path
+
+COMMAND_MODULES = ["db", "leases", "tokens", "sim", "analyze", "run", "deals", "status", "diagnose"]
+
+
+@dataclass
+class App:
+    """What every command gets as ctx.obj: where the database is, the config, one connection."""
+
+    db_option: str | None
+    config_option: str | None
+    _config: dict | None = None
+    _conn: sqlite3.Connection | None = field(default=None, repr=False)
+
+    @property
+    def config(self) -> dict:
+        if self._config is None:
+            self._config = load_config(self.config_option)
+        return self._config
+
+    @property
+    def db_path(self) -> Path:
+        return resolve_db_path(self.db_option, self.config)
+
+    def db(self) -> sqlite3.Connection:
+        """The database, migrated (a newer schema is refused with one line)."""
+        if self._conn is None:
+            self._conn = open_db(self.db_path)
+        return self._conn
+
+
+class IngestGroup(click.Group):
+    """Turns IngestError into one redacted line on stderr and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except IngestError as e:
+            click.echo(f"ingest: error: {redact(str(e))}", err=True)
+            ctx.exit(e.exit_code)
+
+
+@click.group(cls=IngestGroup)
+@click.option("--db", "db_option", metavar="PATH", help="SQLite file (else $INGEST_DB, config [store] db, var/ingest.db).")
+@click.option("--config", "config_option", metavar="PATH", help="TOML config file (else $INGEST_CONFIG, ./ingest.toml).")
+@click.version_option(__version__, prog_name="ingest")
+@click.pass_context
+def main(ctx, db_option, config_option):
+    """ingest: Keepa deals into SQLite, through crashes, restarts and token shortages."""
+    ctx.obj = App(db_option=db_option, config_option=config_option)
+
+
+for _name in COMMAND_MODULES:
+    _module = importlib.import_module(f".{_name}", __name__)
+    for _command in _module.commands:
+        main.add_command(_command)
+
+
+def echo_json(value) -> None:
+    import json
+
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

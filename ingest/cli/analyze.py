@@ -1,0 +1,3 @@
+"""`ingest analyze` commands (placeholder until its issue lands)."""
+
+commands = []

@@ -1,0 +1,3 @@
+"""`ingest deals` commands (placeholder until its issue lands)."""
+
+commands = []

@@ -1,0 +1,3 @@
+"""`ingest diagnose` commands (placeholder until its issue lands)."""
+
+commands = []

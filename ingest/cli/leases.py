@@ -1,0 +1,3 @@
+"""`ingest leases` commands (placeholder until its issue lands)."""
+
+commands = []

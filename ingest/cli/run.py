@@ -1,0 +1,3 @@
+"""`ingest run` commands (placeholder until its issue lands)."""
+
+commands = []

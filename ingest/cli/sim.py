@@ -1,0 +1,3 @@
+"""`ingest sim` commands (placeholder until its issue lands)."""
+
+commands = []

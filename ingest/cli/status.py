@@ -1,0 +1,3 @@
+"""`ingest status` commands (placeholder until its issue lands)."""
+
+commands = []

@@ -1,0 +1,3 @@
+"""`ingest tokens` commands (placeholder until its issue lands)."""
+
+commands = []

@@ -1,0 +1,221 @@
+"""The state store: one SQLite file, its connections, migrations and write transactions.
+
+Every read-then-write goes through `transaction()`: BEGIN IMMEDIATE takes the write lock up
+front, so two processes can never both read a value and then both write from it (the deferred
+"SELECT then UPDATE" pattern that over-admits; see tests/test_store.py).
+"""
+
+import os
+import random
+import sqlite3
+import time
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+from .errors import StoreError
+
+DEFAULT_DB_PATH = "var/ingest.db"
+BUSY_TIMEOUT_MS = 5_000
+BEGIN_ATTEMPTS = 6
+BEGIN_BACKOFF_S = 0.05
+
+
+def resolve_db_path(explicit: str | None = None, config: dict | None = None) -> Path:
+    """--db PATH, else env INGEST_DB, else [store] db in the config, else var/ingest.db."""
+    chosen = (
+        explicit
+        or os.environ.get("INGEST_DB")
+        or ((config or {}).get("store") or {}).get("db")
+        or DEFAULT_DB_PATH
+    )
+    return Path(chosen)
+
+
+def _ensure_private_file(path: Path) -> None:
+    """Create the folder (0700) and the file (0600) before SQLite does, so neither is ever
+    world-readable. SQLite gives the -wal and -shm files the database file's permissions."""
+    folder = path.parent
+    if not folder.exists():
+        try:
+            folder.mkdir(mode=0o700, parents=True)
+        except OSError as e:
+            raise StoreError(f"cannot create database folder {folder}: {e.strerror}") from None
+    if not path.exists():
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+            os.close(fd)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StoreError(f"cannot create database {path}: {e.strerror}") from None
+
+
+def _describe(e: sqlite3.Error, path: Path) -> str:
+    text = str(e)
+    if "not a database" in text:
+        return f"{path} is not an SQLite database"
+    if "readonly" in text or "read-only" in text:
+        return f"database {path} is read-only"
+    if "unable to open" in text:
+        return f"cannot open database {path}"
+    return f"database {path}: {text}"
+
+
+def connect(path: str | os.PathLike, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+    """Open (creating owner-only) the database in WAL mode, autocommit, foreign keys on.
+
+    Autocommit (isolation_level=None) means Python never opens a transaction behind our back:
+    every write transaction is an explicit `transaction()`.
+    """
+    path = Path(path)
+    _ensure_private_file(path)
+    try:
+        conn = sqlite3.connect(
+            str(path), timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(f"database {path} cannot switch to WAL mode (got {mode})")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")
+    except sqlite3.Error as e:
+        raise StoreError(_describe(e, path)) from None
+    return conn
+
+
+def is_busy(e: BaseException) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and (
+        getattr(e, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+        or "database is locked" in str(e)
+    )
+
+
+@contextmanager
+def transaction(
+    conn: sqlite3.Connection, *, attempts: int = BEGIN_ATTEMPTS, backoff_s: float = BEGIN_BACKOFF_S
+) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception).
+
+    SQLITE_BUSY at BEGIN (after SQLite's own busy_timeout) is retried with jittered exponential
+    backoff, `attempts` times in all, then raised as a StoreError. Once BEGIN IMMEDIATE returns we
+    hold the write lock, so in WAL mode nothing later in the transaction waits for it.
+    """
+    delay = backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            break
+        except sqlite3.OperationalError as e:
+            if not is_busy(e):
+                raise StoreError(f"cannot start a write transaction: {e}") from None
+            if attempt == attempts:
+                raise StoreError(
+                    f"database stayed locked through {attempts} attempts to start a write transaction"
+                ) from None
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
+    try:
+        yield conn
+    except sqlite3.OperationalError as e:
+        conn.execute("ROLLBACK")
+        # read-only file, disk full, I/O error: one clear line; the rollback lost nothing
+        raise StoreError(f"write transaction failed and was rolled back: {e}") from None
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    else:
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
+# ---------------------------------------------------------------- migrations
+#
+# Migrations are the files ingest/schema/vNNN_<name>.sql, applied in order. The schema version
+# is PRAGMA user_version: migration N leaves it at N, in the same transaction as its DDL, so a
+# crash mid-migration leaves the previous version intact. A file whose version is newer than the
+# newest migration we know was written by a newer ingest: we refuse to touch it.
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every migration shipped in the package, in order."""
+    found = []
+    for entry in resources.files("ingest.schema").iterdir():
+        name = entry.name
+        if name.startswith("v") and name.endswith(".sql"):
+            version = int(name[1:4])
+            found.append((version, name[5:-4], entry.read_text()))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if versions != list(range(1, len(versions) + 1)):
+        raise StoreError(f"schema migrations are not numbered 1..N: {versions}")
+    return found
+
+
+def latest_version() -> int:
+    return len(migrations())
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def _statements(sql: str) -> Iterator[str]:
+    buffer = ""
+    for line in sql.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                yield buffer
+            buffer = ""
+    if buffer.strip() and not all(l.strip().startswith("--") or not l.strip() for l in buffer.splitlines()):
+        raise StoreError("a schema migration ends with an incomplete statement")
+
+
+def migrate(conn: sqlite3.Connection) -> list[int]:
+    """Apply pending migrations; returns the versions applied. Safe to race: each step re-reads
+    the version inside its own BEGIN IMMEDIATE."""
+    applied = []
+    known = migrations()
+    try:
+        current = schema_version(conn)
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot read the schema version: {e}") from None
+    if current > len(known):
+        raise StoreError(
+            f"database schema is version {current}, newer than this ingest knows ({len(known)}): upgrade ingest"
+        )
+    for version, name, sql in known:
+        try:
+            with transaction(conn):
+                if schema_version(conn) >= version:
+                    continue
+                for statement in _statements(sql):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version}")
+            applied.append(version)
+        except sqlite3.Error as e:
+            raise StoreError(f"migration v{version:03d} ({name}) failed: {e}") from None
+    return applied
+
+
+def open_db(path: str | os.PathLike, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+    """Connect and bring the schema up to date. What every process does at start."""
+    conn = connect(path, busy_timeout_ms=busy_timeout_ms)
+    try:
+        migrate(conn)
+    except StoreError:
+        conn.close()
+        raise
+    except sqlite3.Error as e:
+        conn.close()
+        raise StoreError(_describe(e, Path(path))) from None
+    return conn

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ingest",
+    version="0.1.0",
+    description="Collect Amazon deals from the Keepa API into SQLite, through crashes, restarts and token shortages.",
+    packages=find_packages(include=["ingest", "ingest.*"]),
+    package_data={"ingest": ["schema/*.sql"]},
+    python_requires=">=3.11",
+    install_requires=[
+        "click>=8.1",
+        "requests>=2.31",
+        "sqlite-utils>=3.36",
+        "supervisor>=4.2",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "freezegun>=1.4",
+            # property tests for the analytics (arbitrary csv slots never crash it)
+            "hypothesis>=6.100",
+        ],
+    },
+    entry_points={"console_scripts": ["ingest=ingest.cli:main"]},
+)

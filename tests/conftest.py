@@ -1,0 +1,21 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+INGEST = str(Path(sys.executable).parent / "ingest")
+
+
+@pytest.fixture
+def db_path(tmp_path) -> Path:
+    return tmp_path / "state" / "ingest.db"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    """No test sees the operator's environment or config file."""
+    for name in ("INGEST_DB", "INGEST_CONFIG", "KEEPA_API_KEY", "KEEPA_BASE_URL", "INGEST_QUERY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
