@@ -1,0 +1,134 @@
+"""Parsing of Keepa csv slots into clean time series.
+
+A slot is a flat list `[t0, v0, t1, v1, ...]` (Keepa minutes, value), or `[t, price, shipping, ...]`
+for the shipping types. Parsing makes three promises the analytics rely on:
+- times are strictly increasing: unsorted input is sorted (stable), and for a duplicated
+  timestamp the point that came last in the input wins (Keepa appends; the later write is the
+  newer reading);
+- a triplet becomes one value, price + shipping (a negative shipping counts as free; a missing
+  price stays "no data");
+- "no data" points (-1, or any negative) are KEPT as -1: they break the chain, so a step to or
+  from them is never read as a change (see `steps_down`).
+Malformed contents (not a list, non-integer entries, a trailing partial point) never raise: the
+bad points are skipped. Only whole integers count; Keepa sends nothing else.
+"""
+
+from array import array
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
+from operator import lt
+
+# csv slot indices (../shared/keepa-api.md)
+AMAZON, NEW, USED, SALES, COUNT_USED = 0, 1, 2, 3, 12
+USED_TRIPLETS = (19, 20, 21, 22)  # USED_{NEW,VERY_GOOD,GOOD,ACCEPTABLE}_SHIPPING
+TRIPLET_SLOTS = frozenset({7, *range(18, 30), 32})
+NO_DATA = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """One slot's change points: `times` strictly increasing, `values[i]` in force from
+    `times[i]` until the next point. A negative value means "no data / no offer"."""
+
+    times: list[int]
+    values: list[int]
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def has_data(self) -> bool:
+        """At least one real value (not only -1 points)."""
+        return bool(self.values) and max(self.values) >= 0
+
+    def until(self, minute: int) -> "Series":
+        """The points recorded at or before `minute` (what was known then: no look-ahead)."""
+        end = bisect_right(self.times, minute)
+        if end == len(self.times):
+            return self
+        return Series(self.times[:end], self.values[:end])
+
+    def value_before(self, minute: int) -> int:
+        """The value in force just before `minute` (points at `minute` itself excluded); -1 if none."""
+        i = bisect_left(self.times, minute)
+        return self.values[i - 1] if i else NO_DATA
+
+    def value_at(self, minute: int) -> int:
+        """The value in force at `minute` (a point at `minute` included); -1 if none."""
+        i = bisect_right(self.times, minute)
+        return self.values[i - 1] if i else NO_DATA
+
+    def last(self) -> int:
+        return self.values[-1] if self.values else NO_DATA
+
+    def span(self) -> tuple[int, int] | None:
+        return (self.times[0], self.times[-1]) if self.times else None
+
+
+EMPTY = Series([], [])
+
+
+def parse_slot(raw, triplet: bool = False) -> Series:
+    """A csv slot as a Series (see the module doc). Never raises."""
+    if not isinstance(raw, list) or not raw:
+        return EMPTY
+    stride = 3 if triplet else 2
+    if len(raw) % stride or not _all_int64(raw):
+        raw = _clean_points(raw, stride)
+    times = raw[0::stride]
+    values = raw[1::stride]
+    if triplet:
+        values = [_landed(p, s) for p, s in zip(values, raw[2::3])]
+    values = [v if v >= 0 else NO_DATA for v in values] if values and min(values) < NO_DATA else values
+    if not all(map(lt, times, times[1:])):
+        times, values = _sorted_unique(times, values)
+    return Series(times, values)
+
+
+def steps_down(series: Series, start: int, end: int, floor: int) -> list[tuple[int, int, int]]:
+    """(time, before, after) for each step where the value fell, with the step's time in
+    [start, end]. Both ends of a step must be >= floor: a step to or from -1 is no change."""
+    lo = max(bisect_left(series.times, start), 1)
+    hi = bisect_right(series.times, end)
+    t, v = series.times, series.values
+    # `floor <= after < before` also proves before >= floor: no separate check for -1.
+    return [(t[i], v[i - 1], v[i]) for i in range(lo, hi) if floor <= v[i] < v[i - 1]]
+
+
+def step_down_times(series: Series, start: int, end: int, floor: int) -> list[int]:
+    """Just the times of `steps_down` (the hot path: no tuples)."""
+    lo = max(bisect_left(series.times, start), 1)
+    hi = bisect_right(series.times, end)
+    t, v = series.times, series.values
+    return [t[i] for i in range(lo, hi) if floor <= v[i] < v[i - 1]]
+
+
+def _all_int64(raw: list) -> bool:
+    # array() validates every entry in C: ints only (floats, None, str, lists rejected), 64-bit.
+    try:
+        array("q", raw)
+    except (TypeError, OverflowError):
+        return False
+    return True
+
+
+def _clean_points(raw: list, stride: int) -> list:
+    """The whole points of `raw` whose entries are all plain integers, flattened again."""
+    out: list = []
+    for i in range(0, len(raw) - stride + 1, stride):
+        point = raw[i : i + stride]
+        if all(type(x) is int and -(2**62) < x < 2**62 for x in point):
+            out.extend(point)
+    return out
+
+
+def _landed(price: int, shipping: int) -> int:
+    if price < 0:
+        return NO_DATA
+    return price + shipping if shipping > 0 else price
+
+
+def _sorted_unique(times: list[int], values: list[int]) -> tuple[list[int], list[int]]:
+    # dict keeps the LAST value for a repeated key: the later write of a duplicated timestamp.
+    latest = dict(zip(times, values))
+    keys = sorted(latest)
+    return keys, [latest[k] for k in keys]
