@@ -65,16 +65,16 @@ def main(ctx, db_option, config_option):
     ctx.obj = App(db_option=db_option, config_option=config_option)
 
 
-for _name in COMMAND_MODULES:
-    _module = importlib.import_module(f".{_name}", __name__)
-    for _command in _module.commands:
-        main.add_command(_command)
-
-
 def echo_json(value) -> None:
     import json
 
     click.echo(json.dumps(value, indent=2, default=str))
+
+
+for _name in COMMAND_MODULES:
+    _module = importlib.import_module(f".{_name}", __name__)
+    for _command in _module.commands:
+        main.add_command(_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,310 @@
+"""The deals table and everything written beside it: stored histories, the decision log,
+checkpoints and worker progress. Functions here never open transactions: callers run them
+inside a worker's fenced transaction (or `store.transaction` for admin commands)."""
+
+import json
+import sqlite3
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+STATUSES = ("accepted", "rejected", "incomplete")
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A deal as a /deal page lists it: what we know before fetching the product."""
+
+    asin: str
+    title: str | None = None
+    category: int | None = None
+    sales_rank: int | None = None
+    used_price_cents: int | None = None
+    new_price_cents: int | None = None
+    last_update: int | None = None  # Keepa minutes
+
+    @classmethod
+    def from_deal(cls, deal: dict) -> "Listing":
+        current = deal.get("current") or []
+
+        def slot(i):
+            value = current[i] if len(current) > i else None
+            return value if isinstance(value, int) and value >= 0 else None
+
+        return cls(
+            asin=str(deal["asin"]),
+            title=deal.get("title"),
+            category=deal.get("rootCat"),
+            sales_rank=slot(3),
+            used_price_cents=slot(2),
+            new_price_cents=slot(1),
+            last_update=deal.get("lastUpdate"),
+        )
+
+    def to_json(self) -> dict:
+        return self.__dict__.copy()
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Listing":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class WriteContext:
+    """Who is writing: stamped on every row so any change can be traced to a lease epoch."""
+
+    worker: str
+    fence: int
+    now: float
+    source: str
+
+
+def compress_product(product: dict) -> bytes:
+    return zlib.compress(json.dumps(product, separators=(",", ":")).encode(), 6)
+
+
+def decompress_product(blob: bytes) -> dict:
+    return json.loads(zlib.decompress(blob))
+
+
+def log_decision(conn, ctx: WriteContext, asin: str, outcome: str, reason: str, avg: int | None) -> None:
+    conn.execute(
+        "INSERT INTO decisions (at, worker, asin, outcome, reason, one_year_avg_cents, fence)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (ctx.now, ctx.worker, asin, outcome, reason, avg, ctx.fence),
+    )
+
+
+def _upsert_deal(conn, ctx: WriteContext, asin: str, listing: Listing | None, values: dict) -> None:
+    """Insert or update one deal row. A listing (seen in a deal page) refreshes last_seen."""
+    row = {
+        "asin": asin,
+        "source": ctx.source,
+        "fence": ctx.fence,
+        "writer": ctx.worker,
+        **values,
+    }
+    if listing is not None:
+        row["deal_last_update"] = listing.last_update
+        for key in ("title", "category", "sales_rank", "used_price_cents", "new_price_cents"):
+            if row.get(key) is None and getattr(listing, key) is not None:
+                row[key] = getattr(listing, key)
+    existing = conn.execute("SELECT 1 FROM deals WHERE asin = ?", (asin,)).fetchone()
+    if existing:
+        if listing is not None:
+            row["last_seen"] = ctx.now
+        sets = ", ".join(f"{k} = :{k}" for k in row if k != "asin")
+        conn.execute(f"UPDATE deals SET {sets} WHERE asin = :asin", row)
+    else:
+        row.setdefault("first_seen", ctx.now)
+        row.setdefault("last_seen", ctx.now)
+        cols = ", ".join(row)
+        conn.execute(f"INSERT INTO deals ({cols}) VALUES ({', '.join(':' + k for k in row)})", row)
+
+
+def record_evaluation(conn, ctx: WriteContext, asin: str, listing: Listing | None, product: dict,
+                      evaluation, retry_backoff: "RetryBackoff") -> str:
+    """Store a fetched product's evaluation, its compressed history and a decision row.
+    Returns the outcome (accepted / rejected / incomplete)."""
+    avg = evaluation.average
+    incomplete = evaluation.status == "incomplete"
+    attempts = 0
+    if incomplete:
+        row = conn.execute("SELECT fetch_attempts FROM deals WHERE asin = ?", (asin,)).fetchone()
+        attempts = (row[0] if row else 0) + 1
+    values = {
+        "title": product.get("title") or (listing.title if listing else None),
+        "category": product.get("rootCategory") or (listing.category if listing else None),
+        "sales_rank": evaluation.sales_rank,
+        "used_price_cents": evaluation.current_used_cents,
+        "new_price_cents": evaluation.current_new_cents,
+        "one_year_avg_cents": avg.value_cents if avg else None,
+        "avg_reason": avg.reason if avg else None,
+        "avg_sales": avg.sales if avg else None,
+        "status": evaluation.status,
+        "reason": evaluation.reason,
+        "last_fetched": ctx.now,
+        "fetch_attempts": attempts,
+        "next_retry_at": ctx.now + retry_backoff.delay(attempts) if incomplete else None,
+    }
+    _upsert_deal(conn, ctx, asin, listing, values)
+    conn.execute(
+        "INSERT INTO product_history (asin, fetched_at, product_z) VALUES (?, ?, ?)"
+        " ON CONFLICT (asin) DO UPDATE SET fetched_at = excluded.fetched_at, product_z = excluded.product_z",
+        (asin, ctx.now, compress_product(product)),
+    )
+    log_decision(conn, ctx, asin, evaluation.status, evaluation.reason, values["one_year_avg_cents"])
+    return evaluation.status
+
+
+def record_unfetched(conn, ctx: WriteContext, asin: str, listing: Listing | None, cause: str,
+                     retry_backoff: "RetryBackoff") -> str:
+    """A listed deal whose product could not be had (not returned, fetch kept failing):
+    stored as incomplete with its cause and a retry time, never as a rejection."""
+    row = conn.execute("SELECT fetch_attempts FROM deals WHERE asin = ?", (asin,)).fetchone()
+    attempts = (row[0] if row else 0) + 1
+    values = {
+        "status": "incomplete",
+        "reason": cause,
+        "fetch_attempts": attempts,
+        "next_retry_at": ctx.now + retry_backoff.delay(attempts),
+    }
+    _upsert_deal(conn, ctx, asin, listing, values)
+    log_decision(conn, ctx, asin, "incomplete", cause, None)
+    return "incomplete"
+
+
+def touch_seen(conn, ctx: WriteContext, listing: Listing) -> None:
+    """A listed deal we fetched recently: refresh last_seen without spending a token."""
+    conn.execute(
+        "UPDATE deals SET last_seen = ?, deal_last_update = coalesce(?, deal_last_update) WHERE asin = ?",
+        (ctx.now, listing.last_update, listing.asin),
+    )
+
+
+def recently_fetched(conn, asins: list[str], fetched_since: float) -> set[str]:
+    """Which of `asins` have a complete evaluation fetched at or after `fetched_since`."""
+    if not asins:
+        return set()
+    marks = ",".join("?" * len(asins))
+    rows = conn.execute(
+        f"SELECT asin FROM deals WHERE asin IN ({marks}) AND status != 'incomplete' AND last_fetched >= ?",
+        (*asins, fetched_since),
+    )
+    return {r[0] for r in rows}
+
+
+@dataclass(frozen=True)
+class RetryBackoff:
+    """When an incomplete deal is refetched: base * 2^(attempts-1), capped."""
+
+    base_s: float = 60.0
+    cap_s: float = 6 * 3600.0
+
+    def delay(self, attempts: int) -> float:
+        return min(self.cap_s, self.base_s * (2 ** max(0, attempts - 1)))
+
+
+def due_for_retry(conn, now: float, limit: int) -> list[str]:
+    rows = conn.execute(
+        "SELECT asin FROM deals WHERE status = 'incomplete' AND next_retry_at <= ?"
+        " ORDER BY next_retry_at LIMIT ?",
+        (now, limit),
+    )
+    return [r[0] for r in rows]
+
+
+def due_for_refresh(conn, fetched_before: float, limit: int) -> list[str]:
+    rows = conn.execute(
+        "SELECT asin FROM deals WHERE status != 'incomplete' AND last_fetched < ?"
+        " ORDER BY last_fetched LIMIT ?",
+        (fetched_before, limit),
+    )
+    return [r[0] for r in rows]
+
+
+def stored_product(conn, asin: str) -> tuple[float, dict] | None:
+    row = conn.execute("SELECT fetched_at, product_z FROM product_history WHERE asin = ?", (asin,)).fetchone()
+    return (row[0], decompress_product(row[1])) if row else None
+
+
+def deal_counts(conn) -> dict[str, int]:
+    counts = {status: 0 for status in STATUSES}
+    for status, n in conn.execute("SELECT status, count(*) FROM deals GROUP BY status"):
+        counts[status] = n
+    return counts
+
+
+def list_deals(conn, status: str | None = None, limit: int | None = None) -> list[dict]:
+    sql = "SELECT * FROM deals"
+    args: list[Any] = []
+    if status:
+        sql += " WHERE status = ?"
+        args.append(status)
+    sql += " ORDER BY last_seen DESC, asin"
+    if limit:
+        sql += " LIMIT ?"
+        args.append(limit)
+    out = []
+    for row in conn.execute(sql, args):
+        item = dict(row)
+        item["one_year_avg"] = item["one_year_avg_cents"]
+        out.append(item)
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints and progress
+
+
+def load_checkpoint(conn, name: str) -> dict | None:
+    row = conn.execute("SELECT value FROM checkpoints WHERE name = ?", (name,)).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def save_checkpoint(conn, ctx: WriteContext, name: str, value: dict) -> None:
+    conn.execute(
+        "INSERT INTO checkpoints (name, value, updated_at, fence) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at,"
+        " fence = excluded.fence",
+        (name, json.dumps(value, separators=(",", ":")), ctx.now, ctx.fence),
+    )
+
+
+def note_fenced_commit(conn, ctx: WriteContext, lease: str, pid: int, what: str) -> None:
+    conn.execute(
+        "INSERT INTO fenced_commits (lease, fence, at, pid, what) VALUES (?, ?, ?, ?, ?)",
+        (lease, ctx.fence, ctx.now, pid, what),
+    )
+
+
+PROGRESS_COUNTERS = ("pages", "deals_seen", "accepted", "rejected", "incomplete", "removed",
+                     "tokens_spent", "passes", "errors")
+
+
+def update_progress(conn, worker: str, now: float, *, counters: dict[str, int] | None = None,
+                    **fields: Any) -> None:
+    """Set `fields` and add `counters` on the worker's progress row (created when missing)."""
+    conn.execute(
+        "INSERT INTO worker_progress (worker, state, updated_at) VALUES (?, 'starting', ?)"
+        " ON CONFLICT (worker) DO NOTHING",
+        (worker, now),
+    )
+    sets = ["updated_at = :now"]
+    args: dict[str, Any] = {"worker": worker, "now": now}
+    for key, value in fields.items():
+        if key == "detail" and not isinstance(value, (str, type(None))):
+            value = json.dumps(value, separators=(",", ":"))
+        sets.append(f"{key} = :{key}")
+        args[key] = value
+    for key, value in (counters or {}).items():
+        if key not in PROGRESS_COUNTERS:
+            raise ValueError(f"unknown progress counter {key}")
+        sets.append(f"{key} = {key} + :c_{key}")
+        args[f"c_{key}"] = int(value)
+    conn.execute(f"UPDATE worker_progress SET {', '.join(sets)} WHERE worker = :worker", args)
+
+
+def progress_rows(conn) -> list[dict]:
+    return [dict(r) for r in conn.execute("SELECT * FROM worker_progress ORDER BY worker")]
+
+
+# ---------------------------------------------------------------- janitor
+
+
+def janitor_candidates(conn, unseen_before: float, max_share: float) -> list[str]:
+    """Deals unseen since `unseen_before`, at most `max_share` of the table (at least 1 when any)."""
+    total = conn.execute("SELECT count(*) FROM deals").fetchone()[0]
+    cap = max(1, int(total * max_share)) if total else 0
+    rows = conn.execute(
+        "SELECT asin FROM deals WHERE last_seen < ? ORDER BY last_seen LIMIT ?", (unseen_before, cap)
+    )
+    return [r[0] for r in rows]
+
+
+def remove_deals(conn, ctx: WriteContext, asins: Iterable[str], reason: str) -> int:
+    removed = 0
+    for asin in asins:
+        if conn.execute("DELETE FROM deals WHERE asin = ?", (asin,)).rowcount:
+            log_decision(conn, ctx, asin, "removed", reason, None)
+            removed += 1
+    return removed

@@ -1,0 +1,1 @@
+"""The long-running workers: backfill and upsert (with the janitor)."""

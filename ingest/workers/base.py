@@ -1,0 +1,300 @@
+"""What backfill and upsert share: the process lifecycle around a lease, fenced commits,
+fetching and evaluating product batches, progress, and stopping.
+
+Lifecycle of `Worker.run()`:
+  open the database (migrating it) -> install SIGTERM/SIGINT handlers -> wait for the lease
+  -> heartbeat -> step() until stopped (or, with --once, until a pass is done) -> release.
+A lost lease stops the loop at once and exits EXIT_LEASE_LOST; the fenced commit refuses any
+write from a process that no longer holds the lease, so a late write can never land.
+"""
+
+import logging
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from .. import deals as store_deals
+from ..analytics import AnalyticsParams, evaluate_deal
+from ..clock import SYSTEM_CLOCK
+from ..errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_LEASE_LOST, EXIT_OK, ConfigError, IngestError
+from ..keepa import KeepaRequestError, MalformedResponse, TransientError
+from ..leases import Lease, LeaseLost, LeaseTiming
+from ..metered import Stopped, open_keepa
+from ..store import open_db, transaction
+
+log = logging.getLogger("ingest.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Knobs shared by both workers; [worker] in the config, [backfill]/[upsert] override."""
+
+    stats_days: int = 365
+    progress_log_s: float = 30.0
+    backoff_s: float = 2.0  # first wait after a transient failure, doubled up to backoff_max_s
+    backoff_max_s: float = 120.0
+    malformed_attempts: int = 3  # a batch answered malformed this often is stored incomplete
+    retry_backoff: store_deals.RetryBackoff = field(default_factory=store_deals.RetryBackoff)
+
+    @classmethod
+    def from_config(cls, config: dict, worker: str) -> "WorkerSettings":
+        merged = {**(config.get("worker") or {}), **(config.get(worker) or {})}
+        kwargs = {}
+        for name in ("stats_days", "malformed_attempts"):
+            if name in merged:
+                kwargs[name] = int(merged[name])
+        for name in ("progress_log_s", "backoff_s", "backoff_max_s"):
+            if name in merged:
+                kwargs[name] = float(merged[name])
+        if "retry_base_s" in merged or "retry_cap_s" in merged:
+            kwargs["retry_backoff"] = store_deals.RetryBackoff(
+                float(merged.get("retry_base_s", 60.0)), float(merged.get("retry_cap_s", 6 * 3600.0))
+            )
+        return cls(**kwargs)
+
+
+class Worker:
+    """Base class: subclasses set `name` and implement `step()` (and `pass_done()` for --once)."""
+
+    name = "worker"
+
+    def __init__(self, db_path, config: dict, *, once: bool = False, clock=SYSTEM_CLOCK,
+                 stop: threading.Event | None = None, keepa=None):
+        self.db_path = db_path
+        self.config = config
+        self.once = once
+        self.clock = clock
+        self.stop = stop or threading.Event()
+        self.settings = WorkerSettings.from_config(config, self.name)
+        self.params = AnalyticsParams.from_config(config)
+        self.lease_timing = LeaseTiming.from_config(config)
+        self._keepa = keepa
+        self.conn = None
+        self.lease: Lease | None = None
+        self._failures = 0
+        self._last_progress_log = 0.0
+        self._period = {"pages": 0, "accepted": 0, "rejected": 0, "incomplete": 0, "tokens": 0}
+        self._period_started = clock.monotonic()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        """Run until stopped; returns the process exit code."""
+        self._install_signal_handlers()
+        try:
+            self.conn = open_db(self.db_path)
+            self.setup()
+            self.lease = Lease(self.db_path, self.name, self.lease_timing, clock=self.clock)
+            self._set_state("waiting_lease")
+            log.info("waiting for lease %r", self.name)
+            if not self.lease.acquire(stop=self.stop):
+                self._set_state("stopped")
+                return EXIT_OK
+            self.lease.start_heartbeat()
+            threading.Thread(target=self._stop_on_loss, daemon=True, name="lease-watch").start()
+            log.info("holding lease %r with fence %d", self.name, self.lease.fence)
+            self._set_state("working", pid=os.getpid(), fence=self.lease.fence,
+                            started_at=self.clock.wall())
+            if self._keepa is None:
+                self._keepa = open_keepa(self.db_path, self.config, worker=self.name, stop=self.stop)
+            return self._loop()
+        except LeaseLost as e:
+            log.error("lease lost: %s", e)
+            self._set_state("lost", last_error=str(e))
+            return EXIT_LEASE_LOST
+        except Stopped:
+            return self._stopped()
+        except ConfigError as e:
+            log.error("configuration error: %s", e)
+            self._set_state("error", last_error=str(e))
+            return EXIT_CONFIG
+        except KeepaRequestError as e:
+            # 400 bad key, 402 expired key, 405 bad parameter: retrying cannot help
+            log.error("Keepa refused the request: %s", e)
+            self._set_state("error", last_error=str(e))
+            return EXIT_CONFIG
+        except IngestError as e:
+            log.error("%s", e)
+            self._set_state("error", last_error=str(e))
+            return e.exit_code
+        finally:
+            if self.lease is not None:
+                try:
+                    self.lease.release()
+                except Exception as e:  # the process is ending; say so, do not mask the exit code
+                    log.warning("lease release failed: %s", e)
+
+    def _loop(self) -> int:
+        while not self.stop.is_set():
+            if self.lease.lost.is_set():
+                raise LeaseLost(f"lease {self.name!r} was taken by another process")
+            try:
+                worked = self.step()
+                self._failures = 0
+            except (TransientError, MalformedResponse) as e:
+                self._failures += 1
+                self._back_off(e)
+                continue
+            self._maybe_log_progress()
+            if self.once and self.pass_done():
+                log.info("--once: pass complete")
+                break
+            if not worked:
+                self._set_state("idle")
+                self.clock.sleep(self.idle_wait_s(), self.stop)
+        if self.lease.lost.is_set():
+            raise LeaseLost(f"lease {self.name!r} was taken by another process")
+        return self._stopped()
+
+    def _stopped(self) -> int:
+        log.info("stopping: releasing lease %r", self.name)
+        self._set_state("stopped")
+        return EXIT_OK
+
+    def _stop_on_loss(self):
+        self.lease.lost.wait()
+        self.stop.set()
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handle(signum, _frame):
+            log.info("received %s: finishing the current step", signal.Signals(signum).name)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    def _back_off(self, error: Exception) -> None:
+        delay = min(self.settings.backoff_max_s, self.settings.backoff_s * 2 ** (self._failures - 1))
+        log.warning("%s; retrying in %.0f s (failure %d)", error, delay, self._failures)
+        self._set_state("backoff", counters={"errors": 1}, last_error=str(error),
+                        last_error_at=self.clock.wall())
+        self.clock.sleep(delay, self.stop)
+
+    # ------------------------------------------------------------ subclass hooks
+
+    def setup(self) -> None:
+        """Validate configuration before the lease is taken (raise ConfigError)."""
+
+    def step(self) -> bool:
+        """One unit of work. Returns False when there was nothing to do."""
+        raise NotImplementedError
+
+    def pass_done(self) -> bool:
+        return True
+
+    def idle_wait_s(self) -> float:
+        return 5.0
+
+    # ------------------------------------------------------------ writing
+
+    @property
+    def keepa(self):
+        return self._keepa
+
+    @contextmanager
+    def commit(self, what: str, source: str):
+        """A fenced transaction: (conn, WriteContext). Raises LeaseLost (and writes nothing)
+        when this process no longer holds the lease with its fencing token."""
+        with self.lease.fenced(self.conn) as conn:
+            ctx = store_deals.WriteContext(self.name, self.lease.fence, self.clock.wall(), source)
+            yield conn, ctx
+            store_deals.note_fenced_commit(conn, ctx, self.name, os.getpid(), what)
+
+    def _set_state(self, state: str, counters: dict | None = None, **fields) -> None:
+        """Progress that is not part of a batch (state changes, errors): not fenced, so a
+        process that lost its lease can still say so."""
+        if self.conn is None:
+            return
+        try:
+            with transaction(self.conn):
+                store_deals.update_progress(self.conn, self.name, self.clock.wall(), state=state,
+                                            counters=counters, **fields)
+        except Exception as e:  # progress must never take the worker down
+            log.warning("could not record state %s: %s", state, e)
+
+    def now_dt(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.wall(), tz=timezone.utc)
+
+    # ------------------------------------------------------------ fetching and evaluating
+
+    def fetch_products(self, asins: list[str]) -> dict[str, dict] | None:
+        """Fetch one batch. Transient errors propagate (the loop backs off and the same step
+        runs again); a batch answered malformed `malformed_attempts` times returns None."""
+        for attempt in range(1, self.settings.malformed_attempts + 1):
+            try:
+                page = self.keepa.products(asins, stats=self.settings.stats_days, history=True)
+            except MalformedResponse as e:
+                log.warning("malformed /product answer for %d ASINs (attempt %d): %s", len(asins), attempt, e)
+                self._set_state("backoff", counters={"errors": 1}, last_error=str(e),
+                                last_error_at=self.clock.wall())
+                if attempt < self.settings.malformed_attempts:
+                    self.clock.sleep(self.settings.backoff_s * attempt, self.stop)
+                    if self.stop.is_set():
+                        raise Stopped("stopped while retrying a malformed batch")
+                continue
+            self._count_tokens(page.envelope)
+            return {p.get("asin"): p for p in page.products if isinstance(p, dict)}
+        return None
+
+    def store_batch(self, conn, ctx, asins: list[str], listings: dict[str, store_deals.Listing],
+                    products: dict[str, dict] | None) -> dict[str, int]:
+        """Evaluate and store a fetched batch; every ASIN gets an outcome row."""
+        counts = {"accepted": 0, "rejected": 0, "incomplete": 0}
+        now = datetime.fromtimestamp(ctx.now, tz=timezone.utc)
+        for asin in asins:
+            listing = listings.get(asin)
+            product = products.get(asin) if products is not None else None
+            if product is None:
+                cause = "malformed_response" if products is None else "not_returned"
+                outcome = store_deals.record_unfetched(conn, ctx, asin, listing, cause, self.settings.retry_backoff)
+            else:
+                evaluation = evaluate_deal(product, now, self.params)
+                outcome = store_deals.record_evaluation(conn, ctx, asin, listing, product, evaluation,
+                                                        self.settings.retry_backoff)
+            counts[outcome] += 1
+        for key, n in counts.items():
+            self._period[key] += n
+        return counts
+
+    def _count_tokens(self, envelope) -> None:
+        spent = getattr(envelope, "tokens_consumed", 0) or 0
+        self._period["tokens"] += spent
+        self._tokens_unrecorded = getattr(self, "_tokens_unrecorded", 0) + spent
+
+    def take_unrecorded_tokens(self) -> int:
+        """Tokens spent since the last commit, to add to worker_progress in the next one."""
+        spent, self._tokens_unrecorded = getattr(self, "_tokens_unrecorded", 0), 0
+        return spent
+
+    def _maybe_log_progress(self) -> None:
+        now = self.clock.monotonic()
+        if now - self._last_progress_log < self.settings.progress_log_s:
+            return
+        minutes = max(1e-9, (now - self._period_started) / 60)
+        p = self._period
+        log.info(
+            "progress: %s; %d pages, %d accepted / %d rejected / %d incomplete, %d tokens (%.0f/min)",
+            self.describe_position(), p["pages"], p["accepted"], p["rejected"], p["incomplete"],
+            p["tokens"], p["tokens"] / minutes,
+        )
+        self._last_progress_log = now
+        self._period = {k: 0 for k in p}
+        self._period_started = now
+
+    def describe_position(self) -> str:
+        return ""
+
+
+def run_worker(worker_class, db_path, config: dict, once: bool) -> int:
+    worker = worker_class(db_path, config, once=once)
+    started = time.monotonic()
+    code = worker.run()
+    log.info("exit %d after %.1f s", code, time.monotonic() - started)
+    return code

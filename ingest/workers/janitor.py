@@ -1,0 +1,57 @@
+"""The janitor: removes deals that are no longer listed, but only when that is provable.
+
+A deal is removed when it has not been seen for `grace_s` (default 72 h) AND a complete backfill
+pass started after it was last seen (so the pass had the chance to list it and did not), while
+ingestion is healthy (a successful Keepa fetch within `healthy_within_s`), and never more than
+`max_share` of the table in one sweep. A stalled ingestion therefore deletes nothing: the old
+system's janitor emptied the table while nothing was being refreshed.
+"""
+
+import logging
+from dataclasses import dataclass
+
+from .. import deals as store_deals
+
+log = logging.getLogger("ingest.janitor")
+
+
+@dataclass(frozen=True)
+class JanitorSettings:
+    grace_s: float = 72 * 3600.0
+    healthy_within_s: float = 15 * 60.0
+    max_share: float = 0.05
+    interval_s: float = 600.0
+
+    @classmethod
+    def from_config(cls, config: dict) -> "JanitorSettings":
+        section = config.get("janitor") or {}
+        return cls(**{k: float(v) for k, v in section.items() if k in cls.__dataclass_fields__})
+
+
+def removal_cutoff(conn, now: float, settings: JanitorSettings) -> tuple[float | None, str]:
+    """The last_seen time below which deals may go, or (None, why not)."""
+    last_success = conn.execute("SELECT max(last_success_at) FROM worker_progress").fetchone()[0]
+    if last_success is None or now - last_success > settings.healthy_within_s:
+        return None, "ingestion is not healthy (no successful fetch recently)"
+    cursor = store_deals.load_checkpoint(conn, "backfill") or {}
+    complete_pass_start = cursor.get("last_complete_pass_started_at")
+    if complete_pass_start is None:
+        return None, "no complete backfill pass yet"
+    return min(now - settings.grace_s, complete_pass_start), "ok"
+
+
+def sweep(worker) -> int:
+    """One janitor pass inside `worker` (holding its lease). Returns the number removed."""
+    now = worker.clock.wall()
+    cutoff, why = removal_cutoff(worker.conn, now, worker.janitor)
+    if cutoff is None:
+        log.debug("janitor skipped: %s", why)
+        return 0
+    asins = store_deals.janitor_candidates(worker.conn, cutoff, worker.janitor.max_share)
+    if not asins:
+        return 0
+    with worker.commit("janitor", "janitor") as (conn, ctx):
+        removed = store_deals.remove_deals(conn, ctx, asins, f"unseen_{int(worker.janitor.grace_s // 3600)}h")
+        store_deals.update_progress(conn, worker.name, ctx.now, counters={"removed": removed})
+    log.info("janitor removed %d deals unseen since %.0f", removed, cutoff)
+    return removed

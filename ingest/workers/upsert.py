@@ -1,0 +1,179 @@
+"""The upsert worker: keeps the deals table fresh.
+
+Each poll fetches the newest deals (sortType 1, a few pages), keeps those past the watermark,
+sorts them oldest first itself (Keepa's "newest" order is not strict) and saves them as
+`pending` in checkpoint 'upsert'. Batches are then stored oldest first, each advancing the
+watermark to the last deal it stored, in the same fenced transaction:
+
+  {"watermark": keepa_minute | null, "at_watermark": [asin, ...],   # stored at exactly that minute
+   "pending": [listing, ...], "next_poll_at": t}
+
+With tokens to spare it retries incomplete deals (backoff per deal) and refreshes deals not
+fetched for `refresh_after_s`; the janitor (janitor.py) runs here every `janitor_interval_s`.
+"""
+
+import logging
+
+from .. import deals as store_deals
+from ..query import load_query, page_selection
+from . import janitor
+from .backfill import PAGE_SIZE
+from .base import Worker
+
+log = logging.getLogger("ingest.upsert")
+
+CHECKPOINT = "upsert"
+
+
+def _order_key(listing: store_deals.Listing):
+    return (listing.last_update or 0, listing.asin)
+
+
+def new_listings(deals: list[dict], watermark: int | None, at_watermark: set[str]) -> list[store_deals.Listing]:
+    """Deals past the watermark, one per ASIN (its newest), oldest first."""
+    newest: dict[str, store_deals.Listing] = {}
+    for deal in deals:
+        if not isinstance(deal, dict) or not deal.get("asin"):
+            continue
+        listing = store_deals.Listing.from_deal(deal)
+        stamp = listing.last_update or 0
+        if watermark is not None and (stamp < watermark or (stamp == watermark and listing.asin in at_watermark)):
+            continue
+        if listing.asin not in newest or stamp > (newest[listing.asin].last_update or 0):
+            newest[listing.asin] = listing
+    return sorted(newest.values(), key=_order_key)
+
+
+def advance_watermark(checkpoint: dict, stored: list[store_deals.Listing]) -> None:
+    """Move the watermark to the newest of `stored` (which are all older than what is pending)."""
+    for listing in stored:
+        stamp = listing.last_update or 0
+        if checkpoint["watermark"] is None or stamp > checkpoint["watermark"]:
+            checkpoint["watermark"] = stamp
+            checkpoint["at_watermark"] = [listing.asin]
+        elif stamp == checkpoint["watermark"] and listing.asin not in checkpoint["at_watermark"]:
+            checkpoint["at_watermark"].append(listing.asin)
+
+
+class UpsertWorker(Worker):
+    name = "upsert"
+
+    def __init__(self, *args, query_option: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.query_option = query_option
+        section = self.config.get("upsert") or {}
+        self.poll_s = float(section.get("poll_s", 60))  # Keepa caches deal results ~120 s
+        self.max_pages = int(section.get("max_pages", 3))
+        self.refresh_after_s = float(section.get("refresh_after_s", 24 * 3600))
+        self.min_spare_batch = int(section.get("min_spare_batch", 20))
+        self.janitor = janitor.JanitorSettings.from_config(self.config)
+        self._next_janitor_at = 0.0
+        self._polls = 0
+
+    def setup(self) -> None:
+        query, source = load_query(self.query_option, self.config)
+        self.query = {**query, "sortType": 1}
+        log.info("deal query from %s, newest first", source)
+
+    def load_checkpoint(self) -> dict:
+        checkpoint = store_deals.load_checkpoint(self.conn, CHECKPOINT)
+        return checkpoint or {"watermark": None, "at_watermark": [], "pending": [], "next_poll_at": 0}
+
+    def describe_position(self) -> str:
+        c = getattr(self, "_checkpoint", None) or {}
+        return f"watermark {c.get('watermark')} ({len(c.get('pending') or [])} pending)"
+
+    # ------------------------------------------------------------ work
+
+    def step(self) -> bool:
+        checkpoint = self._checkpoint = self.load_checkpoint()
+        now = self.clock.wall()
+        if checkpoint["pending"]:
+            self.process_pending(checkpoint)
+            return True
+        if now >= checkpoint.get("next_poll_at", 0):
+            self.poll(checkpoint)
+            return True
+        if now >= self._next_janitor_at:
+            self._next_janitor_at = now + self.janitor.interval_s
+            janitor.sweep(self)
+        return self.spare_work()
+
+    def poll(self, checkpoint: dict) -> None:
+        watermark = checkpoint["watermark"]
+        deals: list[dict] = []
+        pages = 0
+        for page_number in range(self.max_pages):
+            page = self.keepa.deals(page_selection(self.query, page_number), page_number)
+            self._count_tokens(page.envelope)
+            pages += 1
+            deals.extend(page.deals)
+            stamps = [d.get("lastUpdate") or 0 for d in page.deals if isinstance(d, dict)]
+            if len(page.deals) < PAGE_SIZE or (watermark is not None and stamps and min(stamps) <= watermark):
+                break
+        fresh = new_listings(deals, watermark, set(checkpoint["at_watermark"]))
+        checkpoint["pending"] = [l.to_json() for l in fresh]
+        checkpoint["next_poll_at"] = self.clock.wall() + self.poll_s
+        self._polls += 1
+        with self.commit("upsert poll", "upsert") as (conn, ctx):
+            store_deals.save_checkpoint(conn, ctx, CHECKPOINT, checkpoint)
+            store_deals.update_progress(conn, self.name, ctx.now, state="working", last_success_at=ctx.now,
+                                        last_commit_at=ctx.now, detail=self._detail(checkpoint),
+                                        counters={"pages": pages, "deals_seen": len(fresh),
+                                                  "tokens_spent": self.take_unrecorded_tokens()})
+        self._period["pages"] += pages
+        log.debug("poll: %d deals listed, %d new since watermark %s", len(deals), len(fresh), watermark)
+
+    def process_pending(self, checkpoint: dict) -> None:
+        pending = [store_deals.Listing.from_json(p) for p in checkpoint["pending"]]
+        batch = pending[: self.keepa.product_batch_size(100)]
+        asins = [l.asin for l in batch]
+        products = self.fetch_products(asins)
+        checkpoint["pending"] = [l.to_json() for l in pending[len(batch):]]
+        advance_watermark(checkpoint, batch)
+        with self.commit("upsert batch", "upsert") as (conn, ctx):
+            counts = self.store_batch(conn, ctx, asins, {l.asin: l for l in batch}, products)
+            store_deals.save_checkpoint(conn, ctx, CHECKPOINT, checkpoint)
+            fields = {"last_success_at": ctx.now} if products is not None else {}
+            store_deals.update_progress(conn, self.name, ctx.now, state="working", last_commit_at=ctx.now,
+                                        detail=self._detail(checkpoint), **fields,
+                                        counters={**counts, "tokens_spent": self.take_unrecorded_tokens()})
+
+    def spare_work(self) -> bool:
+        """Retry due incomplete deals, then refresh stale ones, only with tokens to spare."""
+        now = self.clock.wall()
+        candidates = store_deals.due_for_retry(self.conn, now, 100)
+        source = "retry"
+        if not candidates:
+            candidates = store_deals.due_for_refresh(self.conn, now - self.refresh_after_s, 100)
+            source = "refresh"
+        if not candidates:
+            return False
+        affordable = self.keepa.product_batch_size(100)
+        if affordable < min(self.min_spare_batch, len(candidates)):
+            return False
+        asins = candidates[:affordable]
+        products = self.fetch_products(asins)
+        with self.commit(f"upsert {source}", source) as (conn, ctx):
+            counts = self.store_batch(conn, ctx, asins, {}, products)
+            fields = {"last_success_at": ctx.now} if products is not None else {}
+            store_deals.update_progress(conn, self.name, ctx.now, state="working", last_commit_at=ctx.now,
+                                        **fields, counters={**counts, "tokens_spent": self.take_unrecorded_tokens()})
+        log.info("%s: %d deals (%s)", source, len(asins), ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+        return True
+
+    def pass_done(self) -> bool:
+        checkpoint = getattr(self, "_checkpoint", None) or {}
+        return self._polls > 0 and not checkpoint.get("pending")
+
+    def idle_wait_s(self) -> float:
+        checkpoint = getattr(self, "_checkpoint", None) or {}
+        return max(1.0, min(30.0, checkpoint.get("next_poll_at", 0) - self.clock.wall()))
+
+    @staticmethod
+    def _detail(checkpoint: dict) -> dict:
+        return {
+            "watermark": checkpoint["watermark"],
+            "pending": len(checkpoint["pending"]),
+            "next_poll_at": checkpoint.get("next_poll_at"),
+        }
