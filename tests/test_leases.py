@@ -1,0 +1,425 @@
+"""Lease rules in one process, time driven by FakeClock: expiry, renewal, takeover, fencing,
+timing validation, wall-clock steps; and the `ingest leases` commands."""
+
+import dataclasses
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from ingest.cli import main
+from ingest.clock import SYSTEM_CLOCK, FakeClock
+from ingest.errors import EXIT_DATABASE, ConfigError
+from ingest.lease_table import CorruptLease
+from ingest.leases import Lease, LeaseLost, LeaseTiming, lease_rows
+from ingest.procinfo import Identity, is_alive, start_time
+from ingest.store import open_db, transaction
+
+from .conftest import INGEST
+
+TIMING = LeaseTiming(ttl_s=30, renew_s=10, retry_s=2)
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def conn(db_path):
+    c = open_db(db_path)
+    with transaction(c):
+        c.execute("CREATE TABLE work (id INTEGER PRIMARY KEY, fence INTEGER)")
+    return c
+
+
+def lease(db_path, clock, identity=None, timing=TIMING, name="job"):
+    return Lease(db_path, name, timing, clock, identity=identity)
+
+
+def remote_identity() -> Identity:
+    """A holder on another host: its pid and monotonic clock mean nothing here."""
+    return Identity(host="elsewhere", boot="other-boot", pidns="pid:[1]", pid=4242, start="99")
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def event_names(conn, name="job"):
+    return [r[0] for r in conn.execute("SELECT event FROM lease_events WHERE name = ? ORDER BY id", (name,))]
+
+
+def row(conn, name="job"):
+    return conn.execute("SELECT * FROM leases WHERE name = ?", (name,)).fetchone()
+
+
+# ---------------------------------------------------------------- timing
+
+
+def test_default_timing_is_valid_and_documented_values():
+    assert LeaseTiming() == LeaseTiming(30.0, 10.0, 2.0)
+
+
+@pytest.mark.parametrize(
+    "ttl, renew, retry, message",
+    [
+        (10, 6, 1, "at least 2 x renew_s"),
+        (30, 10, 6, "at least 2 x retry_s"),
+        (0, 10, 2, "positive number"),
+        (30, -1, 2, "positive number"),
+        (30, 10, float("nan"), "positive number"),
+        ("30", 10, 2, "positive number"),
+        (True, 10, 2, "positive number"),
+        (86400 * 10, 10, 2, "at most"),  # the incident's 10-day lock
+    ],
+)
+def test_bad_timing_is_refused_at_construction(ttl, renew, retry, message):
+    with pytest.raises(ConfigError, match=message):
+        LeaseTiming(ttl, renew, retry)
+
+
+def test_timing_from_config():
+    assert LeaseTiming.from_config({}) == LeaseTiming()
+    assert LeaseTiming.from_config({"leases": {"ttl_s": 9, "renew_s": 3, "retry_s": 1}}) == LeaseTiming(9, 3, 1)
+    with pytest.raises(ConfigError, match="unknown key"):
+        LeaseTiming.from_config({"leases": {"ttl": 9}})
+    with pytest.raises(ConfigError, match="at least 2 x renew_s"):
+        LeaseTiming.from_config({"leases": {"ttl_s": 15}})
+
+
+# ---------------------------------------------------------------- acquire, renew, expiry
+
+
+def test_free_lease_is_acquired_with_fence_1(db_path, clock, conn):
+    a = lease(db_path, clock)
+    assert a.try_acquire() and a.fence == 1
+    assert event_names(conn) == ["acquired"]
+    r = row(conn)
+    assert (r["holder_pid"], r["holder_start"], r["fence"], r["transitions"]) == (os.getpid(), start_time(os.getpid()), 1, 1)
+
+
+def test_live_holder_keeps_the_lease_while_renewing(db_path, clock, conn):
+    a, b = lease(db_path, clock), lease(db_path, clock)
+    assert a.try_acquire()
+    for _ in range(10):
+        clock.advance(TIMING.ttl_s - 1)
+        assert a.renew()
+        assert not b.try_acquire()
+    assert row(conn)["renewals"] == 10 and a.fence == 1
+
+
+def test_holder_that_stops_renewing_expires_after_ttl(db_path, clock, conn):
+    a, b = lease(db_path, clock), lease(db_path, clock)
+    assert a.try_acquire()
+    clock.advance(TIMING.ttl_s - 0.1)
+    assert not b.try_acquire()
+    clock.advance(0.2)
+    assert b.try_acquire() and b.fence == 2
+    assert event_names(conn) == ["acquired", "taken_over_expired"]
+
+
+def test_dead_local_holder_is_taken_over_at_once(db_path, clock, conn):
+    me = Identity.current()
+    gone = dataclasses.replace(me, pid=dead_pid(), nonce="gone")
+    a = lease(db_path, clock, identity=gone)
+    assert a.try_acquire()
+    b = lease(db_path, clock)
+    assert b.try_acquire() and b.fence == 2  # no clock advance at all
+    assert event_names(conn) == ["acquired", "taken_over_dead"]
+
+
+def test_reused_pid_counts_as_dead(db_path, clock, conn):
+    """Our own pid, but a different start time: the original holder is gone."""
+    impostor = dataclasses.replace(Identity.current(), start="1", nonce="old")
+    assert lease(db_path, clock, identity=impostor).try_acquire()
+    assert lease(db_path, clock).try_acquire()
+    assert event_names(conn)[-1] == "taken_over_dead"
+
+
+def test_remote_holder_expires_only_after_a_ttl_of_observed_silence(db_path, clock, conn):
+    holder = lease(db_path, clock, identity=remote_identity())
+    contender = lease(db_path, clock)
+    assert holder.try_acquire()
+    clock.advance(TIMING.ttl_s * 10)   # stale by any clock, but we have not watched it yet
+    assert not contender.try_acquire()  # first look starts the observation
+    clock.advance(TIMING.ttl_s - 1)
+    assert holder.renew()               # the holder is alive: the observation restarts
+    assert not contender.try_acquire()
+    clock.advance(TIMING.ttl_s - 1)
+    assert not contender.try_acquire()
+    clock.advance(2)
+    assert contender.try_acquire() and contender.fence == 2
+    assert event_names(conn)[-1] == "taken_over_expired"
+
+
+def test_acquire_waits_then_takes_over_or_gives_up(db_path, clock):
+    a, b = lease(db_path, clock), lease(db_path, clock)
+    assert a.try_acquire()
+    assert not b.acquire(timeout=TIMING.ttl_s / 2)   # FakeClock: sleeping advances time
+    stop = threading.Event()
+    stop.set()
+    assert not b.acquire(stop=stop)
+    assert b.acquire(timeout=TIMING.ttl_s)           # a stopped renewing: expires meanwhile
+    assert b.fence == 2
+
+
+def test_fence_only_grows_across_holders(db_path, clock, conn):
+    fences = []
+    for _ in range(4):
+        x = lease(db_path, clock)
+        assert x.try_acquire()
+        fences.append(x.fence)
+        x.release()
+    assert fences == [1, 2, 3, 4]
+    with pytest.raises(sqlite3.IntegrityError, match="fence only grows"):
+        conn.execute("UPDATE leases SET fence = 1")
+
+
+# ---------------------------------------------------------------- wall-clock steps
+
+
+@pytest.mark.parametrize("holder_identity", [None, remote_identity()], ids=["local", "remote"])
+def test_wall_clock_forward_step_does_not_expire_a_live_holder(db_path, clock, holder_identity):
+    holder, contender = lease(db_path, clock, identity=holder_identity), lease(db_path, clock)
+    assert holder.try_acquire()
+    assert not contender.try_acquire()
+    for _ in range(5):
+        clock.step_wall(+86400)           # NTP jumps a day ahead
+        clock.advance(TIMING.renew_s)
+        assert holder.renew()
+        assert not contender.try_acquire()
+
+
+@pytest.mark.parametrize("holder_identity", [None, remote_identity()], ids=["local", "remote"])
+def test_wall_clock_backward_step_does_not_extend_a_silent_holder(db_path, clock, holder_identity):
+    holder, contender = lease(db_path, clock, identity=holder_identity), lease(db_path, clock)
+    assert holder.try_acquire()
+    assert not contender.try_acquire()
+    clock.step_wall(-86400)               # wall clock goes back a day: its expires_at looks far away
+    clock.advance(TIMING.ttl_s + 1)
+    assert contender.try_acquire()
+
+
+def test_status_uses_monotonic_age_for_local_holders(db_path, clock, conn):
+    a = lease(db_path, clock)
+    assert a.try_acquire()
+    clock.step_wall(+86400)
+    [r] = lease_rows(conn, clock=clock)
+    assert r["state"] == "held" and r["basis"] == "monotonic" and r["expires_in"] == TIMING.ttl_s
+    clock.advance(TIMING.ttl_s + 1)
+    assert lease_rows(conn, clock=clock)[0]["state"] == "expired"
+
+
+# ---------------------------------------------------------------- losing, fencing, releasing
+
+
+def test_renewal_after_takeover_marks_the_lease_lost_once(db_path, clock, conn):
+    a, b = lease(db_path, clock), lease(db_path, clock)
+    assert a.try_acquire()
+    clock.advance(TIMING.ttl_s + 1)
+    assert b.try_acquire()
+    assert not a.renew() and a.lost.is_set()
+    assert not a.renew()
+    with pytest.raises(LeaseLost):
+        a.check()
+    assert event_names(conn) == ["acquired", "taken_over_expired", "lost"]
+
+
+def test_fenced_write_commits_while_held(db_path, clock, conn):
+    a = lease(db_path, clock)
+    assert a.try_acquire()
+    with a.fenced(conn) as c:
+        c.execute("INSERT INTO work (fence) VALUES (?)", (a.fence,))
+    assert [tuple(r) for r in conn.execute("SELECT fence FROM work")] == [(1,)]
+    with pytest.raises(ZeroDivisionError):
+        with a.fenced(conn) as c:
+            c.execute("INSERT INTO work (fence) VALUES (99)")
+            1 / 0
+    assert conn.execute("SELECT count(*) FROM work").fetchone()[0] == 1  # rolled back
+    assert not conn.in_transaction
+
+
+def test_fenced_write_after_takeover_is_refused_and_nothing_written(db_path, clock, conn):
+    a, b = lease(db_path, clock), lease(db_path, clock)
+    assert a.try_acquire()
+    clock.advance(TIMING.ttl_s + 1)   # a was paused; nobody told it
+    assert b.try_acquire()
+    ran = []
+    with pytest.raises(LeaseLost, match="write refused"):
+        with a.fenced(conn) as c:
+            ran.append(1)
+            c.execute("INSERT INTO work (fence) VALUES (1)")
+    assert ran == [] and conn.execute("SELECT count(*) FROM work").fetchone()[0] == 0
+    assert a.lost.is_set() and event_names(conn)[-1] == "lost"
+    with pytest.raises(LeaseLost):
+        with a.fenced(conn):
+            pass
+    assert event_names(conn).count("lost") == 1
+
+
+def test_release_is_idempotent_and_never_clears_a_new_holder(db_path, clock, conn):
+    a, b = lease(db_path, clock), lease(db_path, clock)
+    a.release()  # never held: nothing
+    assert a.try_acquire()
+    a.release()
+    a.release()
+    assert row(conn)["holder_nonce"] is None and event_names(conn) == ["acquired", "released"]
+    assert a.try_acquire() and a.fence == 2
+    clock.advance(TIMING.ttl_s + 1)
+    assert b.try_acquire()
+    a.release()  # a lost it: b keeps it
+    assert row(conn)["holder_nonce"] == b.me.nonce
+    with pytest.raises(LeaseLost):
+        a.fence
+
+
+def test_release_from_a_signal_inside_a_fenced_write_waits_for_it(db_path, clock, conn):
+    a = lease(db_path, clock)
+    assert a.try_acquire()
+    previous = signal.signal(signal.SIGUSR1, lambda *_: a.release())
+    try:
+        with a.fenced(conn) as c:
+            os.kill(os.getpid(), signal.SIGUSR1)   # handler runs here, mid-transaction
+            time.sleep(0.01)
+            c.execute("INSERT INTO work (fence) VALUES (1)")
+            assert row(c)["holder_nonce"] == a.me.nonce
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert conn.execute("SELECT count(*) FROM work").fetchone()[0] == 1
+    assert row(conn)["holder_nonce"] is None and event_names(conn) == ["acquired", "released"]
+
+
+def test_context_manager_acquires_heartbeats_and_releases(db_path, conn):
+    fast = LeaseTiming(ttl_s=0.4, renew_s=0.1, retry_s=0.05)
+    with Lease(db_path, "job", fast) as a:
+        time.sleep(0.8)  # two TTLs: only heartbeats keep it
+        assert lease(db_path, SYSTEM_CLOCK, timing=fast).try_acquire() is False
+        assert row(conn)["renewals"] >= 3 and not a.lost.is_set()
+    assert row(conn)["holder_nonce"] is None
+
+
+def test_heartbeat_notices_a_forced_release_within_a_renew_interval(db_path, conn):
+    fast = LeaseTiming(ttl_s=2, renew_s=0.2, retry_s=0.05)
+    a = Lease(db_path, "job", fast)
+    assert a.try_acquire()
+    a.start_heartbeat()
+    result = CliRunner().invoke(main, ["--db", str(db_path), "leases", "release", "job", "--force"])
+    assert result.exit_code == 0, result.output
+    assert a.lost.wait(fast.renew_s + 1)
+    assert event_names(conn) == ["acquired", "force_released", "lost"]
+    a.release()
+
+
+# ---------------------------------------------------------------- corrupt rows
+
+
+def corrupt(conn, sql):
+    conn.execute("PRAGMA ignore_check_constraints = ON")
+    conn.execute(sql)
+    conn.execute("PRAGMA ignore_check_constraints = OFF")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [("UPDATE leases SET holder_pid = 'abc'", "holder_pid is not a positive integer"),
+     ("UPDATE leases SET ttl_s = NULL", "ttl_s is not a positive number")],
+)
+def test_corrupt_row_is_refused_with_one_line_and_left_alone(db_path, clock, conn, damage, message):
+    holder = lease(db_path, clock, identity=dataclasses.replace(Identity.current(), pid=dead_pid()))
+    assert holder.try_acquire()
+    corrupt(conn, damage)
+    before = [tuple(row(conn))], event_names(conn)
+    with pytest.raises(CorruptLease, match=message):
+        lease(db_path, clock).try_acquire()
+    for args in (["leases"], ["leases", "--json"], ["leases", "release", "job", "--force"]):
+        result = subprocess.run([INGEST, "--db", str(db_path), *args], capture_output=True, text=True)
+        assert result.returncode == EXIT_DATABASE
+        assert result.stderr.count("\n") == 1 and message in result.stderr and "corrupt" in result.stderr
+    assert ([tuple(row(conn))], event_names(conn)) == before
+
+
+# ---------------------------------------------------------------- procinfo
+
+
+def test_liveness_checks_pid_and_start_time():
+    me = os.getpid()
+    assert is_alive(me, start_time(me))
+    assert not is_alive(me, "1")
+    assert not is_alive(dead_pid(), None)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def run(db_path, *args):
+    return CliRunner().invoke(main, ["--db", str(db_path), "leases", *args])
+
+
+def test_leases_json_is_an_empty_list_on_a_new_file(tmp_path):
+    result = subprocess.run([INGEST, "--db", str(tmp_path / "x.db"), "leases", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0 and json.loads(result.stdout) == []
+
+
+def test_leases_table_and_json_show_states(db_path, conn):
+    held = Lease(db_path, "backfill")
+    dead = Lease(db_path, "upsert", identity=dataclasses.replace(Identity.current(), pid=dead_pid()))
+    free = Lease(db_path, "janitor")
+    for x in (held, dead, free):
+        assert x.try_acquire()
+    free.release()
+    rows = {r["name"]: r for r in json.loads(run(db_path, "--json").output)}
+    assert {n: r["state"] for n, r in rows.items()} == {"backfill": "held", "upsert": "dead-holder", "janitor": "free"}
+    assert rows["backfill"]["pid"] == os.getpid() and rows["backfill"]["alive"] is True
+    assert 29 < rows["backfill"]["expires_in"] <= 30 and rows["upsert"]["expires_in"] == 0
+    assert {"name", "holder", "pid", "fence", "state", "expires_in"} <= set(rows["janitor"])
+    table = run(db_path).output.splitlines()
+    assert table[0].split()[:3] == ["NAME", "HOLDER", "PID"]
+    assert [line.split()[-1] for line in table[1:]] == ["held", "free", "dead-holder"]
+
+
+def test_history_filters_and_limits(db_path, conn):
+    for name in ("a", "b", "a"):
+        x = Lease(db_path, name)
+        assert x.try_acquire()
+        x.release()
+    got = json.loads(run(db_path, "history", "a", "--limit", "3", "--json").output)
+    assert [(e["name"], e["event"], e["fence"]) for e in got] == [("a", "released", 1), ("a", "acquired", 2), ("a", "released", 2)]
+    assert len(json.loads(run(db_path, "history", "--json").output)) == 6
+    assert "released" in run(db_path, "history").output
+    result = run(db_path, "history", "nope")
+    assert result.exit_code != 0 and "no lease named 'nope'" in result.output
+
+
+def test_release_refuses_a_live_holder_unless_forced(db_path, conn):
+    a = Lease(db_path, "job")
+    assert a.try_acquire()
+    result = subprocess.run([INGEST, "--db", str(db_path), "leases", "release", "job"], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "--force" in result.stderr
+    assert row(conn)["holder_nonce"] == a.me.nonce
+    result = run(db_path, "release", "job", "--force")
+    assert result.exit_code == 0 and "force-released" in result.output
+    assert row(conn)["holder_nonce"] is None and event_names(conn) == ["acquired", "force_released"]
+    assert not a.renew() and a.lost.is_set()
+    assert "already free" in run(db_path, "release", "job").output
+
+
+def test_release_of_a_dead_holder_needs_no_force(db_path, conn):
+    assert Lease(db_path, "job", identity=dataclasses.replace(Identity.current(), pid=dead_pid())).try_acquire()
+    result = run(db_path, "release", "job")
+    assert result.exit_code == 0 and "dead-holder" in result.output
+    assert event_names(conn) == ["acquired", "released"]
+
+
+def test_release_of_unknown_lease_is_one_line(db_path, conn):
+    result = subprocess.run([INGEST, "--db", str(db_path), "leases", "release", "nope"], capture_output=True, text=True)
+    assert result.returncode != 0 and result.stderr == "ingest: error: no lease named 'nope'\n"
