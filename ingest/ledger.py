@@ -1,0 +1,483 @@
+"""The token ledger: one row per Keepa account in SQLite, shared by every process that calls Keepa.
+
+Model (docs/tokens.md): the server balance S gains `rate` tokens at each minute tick, capped at
+60 x rate; a call runs when S > 0 and may take it negative; at S <= 0 the server answers 429.
+The row stores `balance` = S minus `in_flight` (the sum of open reservations), so a reservation
+moves tokens from `balance` to `in_flight` and S is unchanged until the server charges.
+
+Every read-then-write is one `BEGIN IMMEDIATE` transaction (store.transaction): two processes can
+never both see the same tokens. Each server envelope resets S (the server is the authority):
+balance = tokensLeft - in_flight of the reservations still open. When another process's call was
+already charged but not yet settled, that under-counts the balance by its cost until it settles:
+the error is always on the side of waiting, never of a 429.
+"""
+
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+
+from .clock import SYSTEM_CLOCK
+from .config import section
+from .errors import ConfigError, IngestError
+from .store import transaction
+from .token_costs import estimate_cost, learn_cost
+
+TICK_S = 60.0
+CAP_MINUTES = 60
+
+
+class Stopped(Exception):
+    """The stop event was set while waiting for tokens (SIGTERM): leave quietly."""
+
+
+class CostAboveCap(IngestError):
+    """One request would cost more than the bucket can ever hold: the caller must split it."""
+
+
+class NotSynced(IngestError):
+    """The ledger has no state for this account yet: sync with the server first."""
+
+
+@dataclass(frozen=True)
+class WorkerPolicy:
+    priority: int = 0       # higher goes first while both are busy
+    min_share: float = 0.0  # fraction of recent spend guaranteed while both are busy
+
+
+def _default_workers():
+    return {"upsert": WorkerPolicy(priority=1, min_share=0.0), "backfill": WorkerPolicy(priority=0, min_share=0.30)}
+
+
+@dataclass(frozen=True)
+class LedgerPolicy:
+    workers: dict = field(default_factory=_default_workers)
+    allow_deficit: bool = False       # admit a call costing more than the balance while it is > 0
+    min_wait_s: float = 1.0           # never re-check sooner (no busy loops)
+    max_wait_s: float = 45.0          # never sleep longer without re-checking
+    tick_margin_s: float = 0.25       # wake this long after a projected tick
+    busy_window_s: float = 10.0       # reserved this recently = busy, for sharing
+    waiter_stale_s: float = 150.0     # a waiter silent this long (crashed) is ignored
+    share_half_life_s: float = 600.0  # decay of the per-worker spend used for shares
+    reservation_ttl_s: float = 600.0  # an unsettled reservation (crashed holder) is dropped after
+    stale_after_s: float = 600.0      # no envelope for this long: resync with a free /token call
+    token_sync_every_s: float = 60.0  # at most one /token call per account per this
+
+    def worker(self, name: str) -> WorkerPolicy:
+        return self.workers.get(name, WorkerPolicy())
+
+    @classmethod
+    def from_config(cls, config: dict) -> "LedgerPolicy":
+        """[ledger] keys mirror the fields; [ledger.workers.NAME] priority / min_share."""
+        raw = dict(section(config, "ledger"))
+        workers = _default_workers()
+        for name, spec in (raw.pop("workers", None) or {}).items():
+            if not isinstance(spec, dict):
+                raise ConfigError(f"[ledger.workers.{name}] must be a table")
+            workers[name] = WorkerPolicy(int(spec.get("priority", 0)), float(spec.get("min_share", 0.0)))
+        known = set(cls.__dataclass_fields__) - {"workers"}
+        unknown = set(raw) - known - {"call_log_days"}
+        if unknown:
+            raise ConfigError(f"unknown [ledger] setting(s): {', '.join(sorted(unknown))}")
+        values = {k: (bool(v) if k == "allow_deficit" else float(v)) for k, v in raw.items() if k in known}
+        return cls(workers=workers, **values)
+
+
+@dataclass
+class Account:
+    """One ledger row, projected to `as_of`."""
+
+    account: str
+    balance: float          # server balance minus in_flight
+    in_flight: float
+    as_of: float
+    refill_rate: float
+    flow_reduction: float
+    next_tick: float
+    server_ts: float | None
+    synced_at: float | None
+    token_synced_at: float | None
+    blocked_until: float | None
+    rate_limited: int
+
+    @property
+    def cap(self) -> float:
+        return CAP_MINUTES * self.refill_rate
+
+    @property
+    def server_balance(self) -> float:
+        return self.balance + self.in_flight
+
+    @property
+    def effective_rate(self) -> float:
+        return max(self.refill_rate - self.flow_reduction, 0.0)
+
+    def projected(self, now: float) -> "Account":
+        """Apply the refill ticks due by `now` (Keepa's model: + rate per tick, capped)."""
+        if now < self.next_tick:
+            return self
+        ticks = int((now - self.next_tick) // TICK_S) + 1
+        server = min(self.server_balance + ticks * self.effective_rate, max(self.cap, 0.0))
+        return _replace(self, balance=server - self.in_flight, next_tick=self.next_tick + ticks * TICK_S, as_of=now)
+
+    def time_until_available(self, amount: float, now: float) -> float | None:
+        """Seconds until `balance` >= amount with no further spending; None if never (no refill,
+        or the cap with today's in-flight is too small)."""
+        if self.balance >= amount:
+            return 0.0
+        rate = self.effective_rate
+        if rate <= 0 or amount + self.in_flight > self.cap:
+            return None
+        ticks = math.ceil((amount - self.balance) / rate)
+        return max(self.next_tick + (ticks - 1) * TICK_S - now, 0.0)
+
+
+def _replace(account: Account, **changes) -> Account:
+    return Account(**{**account.__dict__, **changes})
+
+
+@dataclass(frozen=True)
+class Reservation:
+    id: int
+    account: str
+    worker: str
+    kind: str
+    cost: float
+    units: int = 0
+
+
+@dataclass(frozen=True)
+class Refusal:
+    wait_s: float
+    reason: str   # blocked | tokens | share | unreachable
+
+
+def account_id(api_key: str) -> str:
+    """A fingerprint of the key: identifies the account without storing the key."""
+    import hashlib
+
+    return "k" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
+
+
+class Ledger:
+    def __init__(self, conn, account: str, policy: LedgerPolicy | None = None, clock=SYSTEM_CLOCK):
+        self.conn = conn
+        self.account = account
+        self.policy = policy or LedgerPolicy()
+        self.clock = clock
+
+    # ------------------------------------------------------------------ reading
+
+    def load(self) -> Account | None:
+        """The row as stored (not projected)."""
+        row = self.conn.execute("SELECT * FROM token_accounts WHERE account = ?", (self.account,)).fetchone()
+        return Account(**dict(row)) if row else None
+
+    def state(self) -> Account | None:
+        """The row projected to now."""
+        account = self.load()
+        return account.projected(self.clock.wall()) if account else None
+
+    def needs_sync(self) -> bool:
+        account = self.load()
+        return account is None or account.synced_at is None or (
+            self.clock.wall() - account.synced_at > self.policy.stale_after_s
+        )
+
+    def estimate(self, kind: str, units: int) -> float:
+        return estimate_cost(self.conn, self.account, kind, units)
+
+    # ------------------------------------------------------------------ server envelopes
+
+    def claim_token_sync(self, force: bool = False) -> bool:
+        """Take the right to make the free /token call: at most one per account per minute."""
+        now = self.clock.wall()
+        with transaction(self.conn):
+            row = self.conn.execute(
+                "SELECT token_synced_at FROM token_accounts WHERE account = ?", (self.account,)
+            ).fetchone()
+            if row and row[0] is not None and now - row[0] < self.policy.token_sync_every_s and not force:
+                return False
+            if row:
+                self.conn.execute(
+                    "UPDATE token_accounts SET token_synced_at = ? WHERE account = ?", (now, self.account)
+                )
+        return True
+
+    def sync(self, envelope, *, from_token_call: bool = False) -> Account:
+        """Apply an envelope that settles no reservation (a /token call)."""
+        with transaction(self.conn):
+            account = self._apply(self._load_for_update(), envelope)
+            if from_token_call:
+                account = _replace(account, token_synced_at=self.clock.wall())
+            self._store(account)
+        return account
+
+    def _load_for_update(self) -> Account | None:
+        account = self.load()
+        now = self.clock.wall()
+        if account is None:
+            return None
+        self.conn.execute(
+            "DELETE FROM token_reservations WHERE account = ? AND expires_at < ?", (self.account, now)
+        )
+        expired = self.conn.execute("SELECT changes()").fetchone()[0]
+        if expired:  # a crashed holder: assume it was charged (balance unchanged), stop counting it
+            total = self.conn.execute(
+                "SELECT coalesce(sum(cost), 0) FROM token_reservations WHERE account = ?", (self.account,)
+            ).fetchone()[0]
+            account = _replace(account, balance=account.balance, in_flight=total)
+        return account.projected(now)
+
+    def _apply(self, account: Account | None, envelope) -> Account:
+        """The server is the authority: reset S from the envelope (if newer than what we have)."""
+        now = self.clock.wall()
+        if envelope is None or not envelope.complete:
+            if account is None:
+                raise NotSynced("the Keepa response carried no token envelope to start the ledger from")
+            return account
+        if account is None:
+            account = Account(self.account, 0.0, 0.0, now, envelope.refill_rate, 0.0, now, None, None, None, None, 0)
+        if account.server_ts is not None and envelope.server_time is not None and envelope.server_time < account.server_ts:
+            return account  # an older response arriving late: a newer one was applied already
+        # refillIn is relative to the server's answer; counting from our receipt errs late (safe).
+        next_tick = (envelope.received_at or now) + envelope.refill_in_s
+        account = _replace(
+            account,
+            balance=envelope.tokens_left - account.in_flight,
+            refill_rate=float(envelope.refill_rate),
+            flow_reduction=float(envelope.flow_reduction or 0.0),
+            next_tick=next_tick,
+            as_of=now,
+            server_ts=envelope.server_time if envelope.server_time is not None else account.server_ts,
+            synced_at=now,
+        )
+        if account.blocked_until is not None and envelope.status != 429 and envelope.tokens_left > 0:
+            account = _replace(account, blocked_until=None)
+        return account.projected(now)
+
+    def _store(self, a: Account) -> None:
+        self.conn.execute(
+            "INSERT INTO token_accounts (account, balance, in_flight, as_of, refill_rate, flow_reduction,"
+            " next_tick, server_ts, synced_at, token_synced_at, blocked_until, rate_limited)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (account) DO UPDATE SET balance = excluded.balance,"
+            " in_flight = excluded.in_flight, as_of = excluded.as_of, refill_rate = excluded.refill_rate,"
+            " flow_reduction = excluded.flow_reduction, next_tick = excluded.next_tick,"
+            " server_ts = excluded.server_ts, synced_at = excluded.synced_at,"
+            " token_synced_at = excluded.token_synced_at, blocked_until = excluded.blocked_until,"
+            " rate_limited = excluded.rate_limited",
+            (a.account, a.balance, a.in_flight, a.as_of, a.refill_rate, a.flow_reduction, a.next_tick,
+             a.server_ts, a.synced_at, a.token_synced_at, a.blocked_until, a.rate_limited),
+        )
+
+    # ------------------------------------------------------------------ reserving
+
+    def reserve(self, cost: float, worker: str, kind: str = "call", *, units: int = 0,
+                stop: threading.Event | None = None) -> Reservation:
+        """Wait (interruptibly) until the ledger admits `cost` for `worker`, then hold it."""
+        try:
+            while True:
+                outcome = self.try_reserve(cost, worker, kind, units=units)
+                if isinstance(outcome, Reservation):
+                    return outcome
+                wait = min(max(outcome.wait_s, self.policy.min_wait_s), self.policy.max_wait_s)
+                if (stop is not None and stop.is_set()) or self.clock.sleep(wait, stop):
+                    raise Stopped(f"stopped while waiting for {cost:g} tokens ({outcome.reason})")
+        except BaseException:
+            self._clear_waiting(worker)
+            raise
+
+    def try_reserve(self, cost: float, worker: str, kind: str = "call", *, units: int = 0) -> "Reservation | Refusal":
+        """One atomic attempt: a Reservation, or a Refusal saying how long to wait and why."""
+        now = self.clock.wall()
+        with transaction(self.conn):
+            account = self._load_for_update()
+            if account is None:
+                raise NotSynced("the token ledger has no state for this account yet (sync first)")
+            if cost > account.cap:
+                raise CostAboveCap(
+                    f"a {kind} call estimated at {cost:g} tokens exceeds the bucket's cap of {account.cap:g}"
+                    f" (60 x {account.refill_rate:g}/min): split it into smaller calls"
+                )
+            refusal = self._refusal(account, cost, worker, now)
+            if refusal is not None:
+                self._mark_waiting(worker, cost, now)
+                self._store(account)
+                return refusal
+            account = _replace(account, balance=account.balance - cost, in_flight=account.in_flight + cost)
+            self._store(account)
+            cursor = self.conn.execute(
+                "INSERT INTO token_reservations (account, worker, kind, cost, created_at, expires_at, pid)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (self.account, worker, kind, cost, now, now + self.policy.reservation_ttl_s, os.getpid()),
+            )
+            self._record_spend(worker, cost, now, reserved=True)
+            return Reservation(cursor.lastrowid, self.account, worker, kind, cost, units)
+
+    def _refusal(self, account: Account, cost: float, worker: str, now: float) -> Refusal | None:
+        if account.blocked_until is not None and now < account.blocked_until:
+            return Refusal(account.blocked_until - now + self.policy.tick_margin_s, "blocked")
+        enough = account.balance >= cost or (self.policy.allow_deficit and account.balance > 0 and cost > 0)
+        if not enough:
+            wait = account.time_until_available(cost if not self.policy.allow_deficit else 1e-9, now)
+            if wait is None:
+                return Refusal(self.policy.max_wait_s, "unreachable")
+            return Refusal(wait + self.policy.tick_margin_s, "tokens")
+        holder = self._held_by(worker, now)
+        if holder is not None:
+            return Refusal(self.policy.min_wait_s, f"share:{holder}")
+        return None
+
+    # ------------------------------------------------------------------ sharing
+
+    def _held_by(self, worker: str, now: float) -> str | None:
+        """Which busy worker should get the tokens before `worker`, if any.
+
+        While several workers are busy (waiting, or reserved within busy_window_s), a worker below
+        its minimum share of the recent (decayed) spend goes first, then higher priority. An idle
+        worker holds nobody back, so its share flows to the others.
+        """
+        rows = self.conn.execute(
+            "SELECT worker, spent, spent_at, last_reserved_at, waiting_since, waiting_seen_at"
+            " FROM token_workers WHERE account = ?",
+            (self.account,),
+        ).fetchall()
+        busy = {}
+        for r in rows:
+            waiting = r["waiting_since"] is not None and now - (r["waiting_seen_at"] or 0) < self.policy.waiter_stale_s
+            recent = r["last_reserved_at"] is not None and now - r["last_reserved_at"] < self.policy.busy_window_s
+            if r["worker"] == worker or waiting or recent:
+                busy[r["worker"]] = self._decayed(r["spent"], r["spent_at"], now)
+        busy.setdefault(worker, 0.0)
+        if len(busy) < 2:
+            return None
+        total = sum(busy.values())
+        share = {name: (spent / total if total > 0 else 0.0) for name, spent in busy.items()}
+        mine = self.policy.worker(worker)
+        i_am_owed = share[worker] < mine.min_share
+        for other in sorted(busy):
+            if other == worker:
+                continue
+            theirs = self.policy.worker(other)
+            if share[other] < theirs.min_share and not i_am_owed:
+                return other
+            if theirs.priority > mine.priority and not i_am_owed:
+                return other
+        return None
+
+    def _decayed(self, spent: float, spent_at: float, now: float) -> float:
+        return spent * 0.5 ** (max(now - spent_at, 0.0) / self.policy.share_half_life_s)
+
+    def _record_spend(self, worker: str, amount: float, now: float, *, reserved: bool = False) -> None:
+        row = self.conn.execute(
+            "SELECT spent, spent_at FROM token_workers WHERE account = ? AND worker = ?", (self.account, worker)
+        ).fetchone()
+        spent = max(self._decayed(row[0], row[1], now) + amount, 0.0) if row else max(amount, 0.0)
+        if reserved:
+            self.conn.execute(
+                "INSERT INTO token_workers (account, worker, spent, spent_at, last_reserved_at) VALUES (?,?,?,?,?)"
+                " ON CONFLICT (account, worker) DO UPDATE SET spent = excluded.spent, spent_at = excluded.spent_at,"
+                " last_reserved_at = excluded.last_reserved_at, waiting_since = NULL, waiting_seen_at = NULL,"
+                " waiting_cost = NULL",
+                (self.account, worker, spent, now, now),
+            )
+        elif row:
+            self.conn.execute(
+                "UPDATE token_workers SET spent = ?, spent_at = ? WHERE account = ? AND worker = ?",
+                (spent, now, self.account, worker),
+            )
+
+    def _mark_waiting(self, worker: str, cost: float, now: float) -> None:
+        self.conn.execute(
+            "INSERT INTO token_workers (account, worker, spent, spent_at, waiting_since, waiting_seen_at, waiting_cost)"
+            " VALUES (?, ?, 0, ?, ?, ?, ?) ON CONFLICT (account, worker) DO UPDATE SET"
+            " waiting_since = coalesce(waiting_since, excluded.waiting_since),"
+            " waiting_seen_at = excluded.waiting_seen_at, waiting_cost = excluded.waiting_cost",
+            (self.account, worker, now, now, now, cost),
+        )
+
+    def _clear_waiting(self, worker: str) -> None:
+        try:
+            with transaction(self.conn):
+                self.conn.execute(
+                    "UPDATE token_workers SET waiting_since = NULL, waiting_seen_at = NULL, waiting_cost = NULL"
+                    " WHERE account = ? AND worker = ?",
+                    (self.account, worker),
+                )
+        except Exception:  # best effort: a stale waiter is ignored after waiter_stale_s anyway
+            pass
+
+    # ------------------------------------------------------------------ settling
+
+    def settle(self, reservation: Reservation, envelope=None, *, call=None) -> Account:
+        """The call was made: replace the estimate by what the server charged and resync from its
+        envelope. Without an envelope (network failure) the estimate stays spent: we cannot know
+        whether the server charged it, and assuming it did errs on the side of waiting."""
+        now = self.clock.wall()
+        with transaction(self.conn):
+            account = self._close(reservation)
+            consumed = envelope.tokens_consumed if envelope is not None else None
+            if consumed is not None and not (envelope and envelope.complete):
+                account = _replace(account, balance=account.balance + reservation.cost - consumed)
+            account = self._apply(account, envelope)
+            if consumed is not None:
+                self._record_spend(reservation.worker, consumed - reservation.cost, now)
+                if reservation.units and envelope.status == 200:
+                    learn_cost(self.conn, self.account, reservation.kind, consumed / reservation.units, now)
+            self._store(account)
+            if call is not None:
+                call.insert(self.conn, self.account)
+        return account
+
+    def release(self, reservation: Reservation) -> None:
+        """The call was never made (stopped before sending): give the tokens back."""
+        with transaction(self.conn):
+            account = self._close(reservation, refund=True)
+            self._record_spend(reservation.worker, -reservation.cost, self.clock.wall())
+            self._store(account)
+
+    def rate_limited(self, reservation: Reservation, envelope, *, call=None) -> Account:
+        """A 429: it cost nothing. Store the server's balance and hold everyone until the
+        projected balance is positive again."""
+        now = self.clock.wall()
+        with transaction(self.conn):
+            account = self._close(reservation, refund=True)
+            self._record_spend(reservation.worker, -reservation.cost, now)
+            account = self._apply(account, envelope)
+            left = envelope.tokens_left if envelope is not None and envelope.complete else min(account.server_balance, 0)
+            rate = account.effective_rate
+            if envelope is not None and envelope.complete and rate > 0:
+                ticks = max(math.floor(-left / rate) + 1, 1)
+                until = account.next_tick + (ticks - 1) * TICK_S + self.policy.tick_margin_s
+            else:
+                until = now + TICK_S
+            account = _replace(account, blocked_until=max(until, now + self.policy.min_wait_s),
+                               rate_limited=account.rate_limited + 1)
+            self._store(account)
+            if call is not None:
+                call.insert(self.conn, self.account)
+        return account
+
+    def _close(self, reservation: Reservation, refund: bool = False) -> Account:
+        account = self._load_for_update()
+        if account is None:
+            raise NotSynced("the token ledger lost its account row")
+        gone = self.conn.execute("DELETE FROM token_reservations WHERE id = ?", (reservation.id,)).rowcount
+        if gone:
+            account = _replace(account, in_flight=max(account.in_flight - reservation.cost, 0.0))
+            if refund:
+                account = _replace(account, balance=account.balance + reservation.cost)
+        return account
+
+    # ------------------------------------------------------------------ test and bench helpers
+
+    def set_state(self, *, balance: float, refill_rate: float, next_tick: float, synced_at: float | None = None,
+                  blocked_until: float | None = None, flow_reduction: float = 0.0) -> None:
+        """Write the row directly (tests, benches, `ingest tokens` never)."""
+        now = self.clock.wall()
+        with transaction(self.conn):
+            old = self.load()
+            self.conn.execute("DELETE FROM token_reservations WHERE account = ?", (self.account,))
+            self._store(Account(self.account, balance, 0.0, now, refill_rate, flow_reduction, next_tick, None,
+                                now if synced_at is None else synced_at, old.token_synced_at if old else None,
+                                blocked_until, old.rate_limited if old else 0))

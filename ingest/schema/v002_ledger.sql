@@ -1,0 +1,71 @@
+-- Token ledger: one row per Keepa account, its open reservations, the workers sharing it,
+-- learned costs and the call log. See ingest/ledger.py and docs/tokens.md.
+-- The account id is a fingerprint of the key (never the key itself).
+CREATE TABLE token_accounts (
+    account          TEXT PRIMARY KEY,
+    balance          REAL NOT NULL,     -- projected server balance minus in_flight, as of `as_of`
+    in_flight        REAL NOT NULL DEFAULT 0,  -- sum of open reservations (kept here: O(1) reserve)
+    as_of            REAL NOT NULL,     -- wall time `balance` and `next_tick` were last materialised
+    refill_rate      REAL NOT NULL,     -- tokens per minute, the plan's (cap = 60 x rate)
+    flow_reduction   REAL NOT NULL DEFAULT 0,  -- tokenFlowReduction: taken off each refill
+    next_tick        REAL NOT NULL,     -- wall time of the next refill tick
+    server_ts        REAL,              -- server timestamp (s) of the newest envelope applied
+    synced_at        REAL,              -- wall time of the last envelope from the server
+    token_synced_at  REAL,              -- wall time of the last free /token call (<= ~1/min)
+    blocked_until    REAL,              -- after a 429: nobody calls before this
+    rate_limited     INTEGER NOT NULL DEFAULT 0  -- 429s seen, ever
+);
+
+CREATE TABLE token_reservations (
+    id          INTEGER PRIMARY KEY,
+    account     TEXT NOT NULL REFERENCES token_accounts (account),
+    worker      TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    cost        REAL NOT NULL,
+    created_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,          -- a crashed holder's reservation is dropped after this
+    pid         INTEGER
+);
+CREATE INDEX token_reservations_expiry ON token_reservations (account, expires_at);
+
+-- Sharing state: decayed spend per worker, and whether it is waiting right now.
+CREATE TABLE token_workers (
+    account          TEXT NOT NULL,
+    worker           TEXT NOT NULL,
+    spent            REAL NOT NULL DEFAULT 0,  -- exponentially decayed spend (tokens)
+    spent_at         REAL NOT NULL,            -- when `spent` was last decayed
+    last_reserved_at REAL,
+    waiting_since    REAL,                     -- NULL when not waiting
+    waiting_seen_at  REAL,                     -- heartbeat of a waiter (stale waiters are ignored)
+    waiting_cost     REAL,
+    PRIMARY KEY (account, worker)
+);
+
+-- Learned cost per unit (per page, per ASIN) for each kind of call, from tokensConsumed.
+CREATE TABLE token_costs (
+    account     TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    avg         REAL NOT NULL,   -- exponentially weighted average per unit
+    samples     TEXT NOT NULL,   -- JSON list of the latest per-unit costs (for the high percentile)
+    n           INTEGER NOT NULL,
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (account, kind)
+);
+
+-- Every Keepa call (one row per request, retries of 5xx folded into one). Pruned after N days.
+CREATE TABLE keepa_calls (
+    id           INTEGER PRIMARY KEY,
+    at           REAL NOT NULL,
+    account      TEXT,
+    worker       TEXT NOT NULL,
+    endpoint     TEXT NOT NULL,
+    asins        INTEGER NOT NULL DEFAULT 0,
+    estimated    REAL,
+    actual       INTEGER,          -- tokensConsumed, NULL when unknown
+    status       TEXT NOT NULL,    -- ok | rate_limited | request_error | transient | malformed
+    http_status  INTEGER,
+    latency_ms   REAL,
+    tokens_left  INTEGER,
+    error        TEXT              -- redacted, one line
+);
+CREATE INDEX keepa_calls_at ON keepa_calls (at);
