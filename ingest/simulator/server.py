@@ -1,0 +1,123 @@
+"""HTTP plumbing: a ThreadingHTTPServer on loopback in a background thread.
+
+HTTP/1.1 with keep-alive (Keepa's Java client keeps connections open), Content-Length on
+every answer, gzip when the request's Accept-Encoding mentions gzip (errors included, as the
+Java client gunzips every body). Delays (slow/timeout faults) wait on the stop event, so
+stop() never hangs on a sleeping handler.
+"""
+
+import gzip
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from ..logs import redact
+from .app import Reply, SimApp
+from .config import SimConfig
+
+log = logging.getLogger("ingest.simulator")
+MAX_BODY = 1 << 20
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "KeepaSim/1.0"
+    timeout = 60  # idle keep-alive connections are closed after this
+
+    def do_GET(self):
+        self._serve("GET")
+
+    def do_POST(self):
+        self._serve("POST")
+
+    def _serve(self, method: str) -> None:
+        sim: Simulator = self.server.simulator
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            self.send_error(413)
+            return
+        body = self.rfile.read(length) if length else b""
+        url = urlsplit(self.path)
+        reply = sim.app.handle(method, url.path, url.query, body, self.headers.get("Content-Type", ""))
+        if reply.delay_s and sim.stop_event.wait(reply.delay_s):
+            self.close_connection = True
+            return  # shutting down: drop the held answer
+        self._send(reply)
+
+    def _send(self, reply: Reply) -> None:
+        data = json.dumps(reply.payload, separators=(",", ":")).encode()
+        if reply.truncate:
+            data = data[: max(1, len(data) // 2)]
+        gzipped = "gzip" in (self.headers.get("Accept-Encoding") or "").lower()
+        if gzipped:
+            data = gzip.compress(data, compresslevel=5)
+        try:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "application/json;charset=UTF-8")
+            if gzipped:
+                self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up (e.g. the timeout fault)
+
+    def log_message(self, fmt, *args):  # the URL carries the key: redact, and only at debug
+        log.debug(redact(fmt % args))
+
+
+class Simulator:
+    """A Keepa-compatible server. `start()` serves in a background thread; `url` is its base."""
+
+    def __init__(self, cfg: SimConfig | None = None):
+        self.cfg = cfg or SimConfig()
+        self.app = SimApp(self.cfg)
+        self.stop_event = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Simulator":
+        self._server = _Server((self.cfg.host, self.cfg.port), _Handler)
+        self._server.simulator = self
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="keepa-sim", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("simulator not started")
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = self.cfg.host if ":" not in self.cfg.host else f"[{self.cfg.host}]"
+        return f"http://{host}:{self.port}"
+
+    def stats(self) -> dict:
+        return self.app.stats()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> "Simulator":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
