@@ -194,9 +194,9 @@ def test_wall_clock_forward_step_does_not_expire_a_live_holder(db_path, clock, h
     assert holder.try_acquire()
     assert not contender.try_acquire()
     for _ in range(5):
-        clock.step_wall(+86400)           # NTP jumps a day ahead
         clock.advance(TIMING.renew_s)
         assert holder.renew()
+        clock.step_wall(+86400)           # NTP jumps a day ahead: the renewal looks a day old
         assert not contender.try_acquire()
 
 
