@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 
 from .config import section
 from .errors import ConfigError
-from .history import COUNT_USED, EMPTY, NEW, SALES, USED, USED_TRIPLETS, Series, parse_slot, step_down_times, steps_down
+from .history import COUNT_USED, EMPTY, MAX_MINUTE, NEW, SALES, USED, USED_TRIPLETS, Series, parse_slot, step_down_times, steps_down
 from .keepatime import MINUTES_PER_DAY, datetime_to_keepa_minutes, keepa_minutes_to_datetime
 
 REASONS = ("ok", "no_history", "too_new", "no_sales")
@@ -113,7 +113,7 @@ class _History:
     count_used: Series = EMPTY
     rank: Series = EMPTY
     used_prices: list[Series] = field(default_factory=list)  # slot 2, or the used triplets
-    tracking_since: int | None = None
+    tracking_since: int | None = None  # trackingSince, else the oldest point read
     new: Series = EMPTY  # slot 1, only loaded for a deal evaluation
 
     def used_price_before(self, minute: int) -> int | None:
@@ -128,25 +128,31 @@ class _History:
 def _load(product: dict, now: datetime, with_new: bool = False) -> _History:
     now_minute = datetime_to_keepa_minutes(now)
     csv = product.get("csv") if isinstance(product, dict) else None
-    if not isinstance(csv, list) or not any(isinstance(slot, list) and slot for slot in csv):
+    if not isinstance(csv, list):
         return _History(now_minute, csv_present=False)
 
     def slot(i: int, triplet: bool = False) -> Series:
         return parse_slot(csv[i], triplet).until(now_minute) if i < len(csv) else EMPTY
 
-    used = slot(USED)
+    used, rank, count = slot(USED), slot(SALES), slot(COUNT_USED)
     if used.has_data():
         used_prices = [used]
     else:
         used_prices = [s for i in USED_TRIPLETS if (s := slot(i, triplet=True)).has_data()]
+    # "No history" is judged on what was recorded by `now`: the slots read here, not the others.
+    if not (used or rank or count or used_prices):
+        return _History(now_minute, csv_present=False)
     tracking = product.get("trackingSince")
+    if type(tracking) is not int or not 0 < tracking <= MAX_MINUTE:
+        # Without trackingSince, the product is as old as its oldest recorded point.
+        tracking = min(s.times[0] for s in (used, rank, count, *used_prices) if s.times)
     return _History(
         now=now_minute,
         csv_present=True,
-        count_used=slot(COUNT_USED),
-        rank=slot(SALES),
+        count_used=count,
+        rank=rank,
         used_prices=used_prices,
-        tracking_since=tracking if type(tracking) is int and tracking > 0 else None,
+        tracking_since=tracking,
         new=slot(NEW) if with_new else EMPTY,
     )
 
@@ -205,17 +211,13 @@ def _missing(history: _History) -> tuple[str, ...]:
     return tuple(missing)
 
 
-def _average(history: _History, params: AnalyticsParams, sales_out: list | None = None) -> OneYearAverage:
+def _average(history: _History, params: AnalyticsParams) -> OneYearAverage:
     end = keepa_minutes_to_datetime(history.now)
     start_minute = history.now - params.window_days * MINUTES_PER_DAY
     base = dict(window_start=keepa_minutes_to_datetime(start_minute), window_end=end)
     if not history.csv_present:
         return OneYearAverage(None, "no_history", 0, missing=("csv",), **base)
-    first_seen = history.tracking_since
-    if first_seen is None:
-        spans = [s.times[0] for s in (history.count_used, history.rank, *history.used_prices) if s.times]
-        first_seen = min(spans) if spans else history.now
-    tracked_days = (history.now - first_seen) / MINUTES_PER_DAY
+    tracked_days = (history.now - history.tracking_since) / MINUTES_PER_DAY
     base["tracked_days"] = tracked_days
     if tracked_days < params.min_tracked_days:
         return OneYearAverage(None, "too_new", 0, **base)
@@ -223,8 +225,6 @@ def _average(history: _History, params: AnalyticsParams, sales_out: list | None 
         return OneYearAverage(None, "no_history", 0, missing=missing, **base)
     # A drop exactly window_days ago is outside: the window is (now - window_days, now].
     sales = _infer(history, start_minute + 1, params)
-    if sales_out is not None:
-        sales_out.extend(sales)
     priced = sorted(s.price_cents for s in sales if s.price_cents is not None)
     if sales and not priced:
         # Sales happened but no used price was ever recorded before them: a hole in the data.

@@ -23,6 +23,7 @@ AMAZON, NEW, USED, SALES, COUNT_USED = 0, 1, 2, 3, 12
 USED_TRIPLETS = (19, 20, 21, 22)  # USED_{NEW,VERY_GOOD,GOOD,ACCEPTABLE}_SHIPPING
 TRIPLET_SLOTS = frozenset({7, *range(18, 30), 32})
 NO_DATA = -1
+MAX_MINUTE = 2**31  # Keepa minutes are >= 0; past this (year 6094) a "time" is garbage
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,8 @@ def parse_slot(raw, triplet: bool = False) -> Series:
     if triplet:
         values = [_landed(p, s) for p, s in zip(values, raw[2::3])]
     values = [v if v >= 0 else NO_DATA for v in values] if values and min(values) < NO_DATA else values
+    if times and (min(times) < 0 or max(times) > MAX_MINUTE):
+        times, values = _in_range(times, values)
     if not all(map(lt, times, times[1:])):
         times, values = _sorted_unique(times, values)
     return Series(times, values)
@@ -119,6 +122,11 @@ def _clean_points(raw: list, stride: int) -> list:
         if all(type(x) is int and -(2**62) < x < 2**62 for x in point):
             out.extend(point)
     return out
+
+
+def _in_range(times: list[int], values: list[int]) -> tuple[list[int], list[int]]:
+    kept = [(t, v) for t, v in zip(times, values) if 0 <= t <= MAX_MINUTE]
+    return [t for t, _ in kept], [v for _, v in kept]
 
 
 def _landed(price: int, shipping: int) -> int:
