@@ -1,0 +1,389 @@
+"""Health checks with verdicts: what `ingest status` and `ingest diagnose stall` print.
+
+Each check reads the state tables (leases, token ledger, call log, worker progress, checkpoints)
+and returns a `Check`: a verdict ('ok' | 'warn' | 'fail'), a one-line summary, the next step an
+operator should take, and the figures behind it. `assess()` runs the checks `ingest status` needs
+and folds them into one verdict:
+
+  down      some check failed: a worker is not running / not holding its lease, or the
+            database is unusable
+  degraded  some check warned: a stall (lease held but no progress), tokens full but unspent,
+            a restart loop, late heartbeats, recent 429s, supervisord unreachable ...
+  healthy   every check ok
+
+All times come from `now` (wall seconds) so tests build a database state and inject the time.
+"""
+
+import json
+import sqlite3
+from dataclasses import asdict, dataclass, field
+
+from .clock import SYSTEM_CLOCK
+from .lease_table import CorruptLease, lease_rows
+from .leases import LeaseTiming
+from .ledger import Account
+from .store import latest_version, schema_version
+
+WORKERS = ("backfill", "upsert")
+RESTART_WINDOW_S = 15 * 60.0     # lease acquisitions counted over this window ...
+RESTART_LOOP_ACQUISITIONS = 4    # ... this many or more: a restart loop
+FULL_FRACTION = 0.98             # balance at >= 98% of the cap counts as "full"
+RUNNING_STATES = {"RUNNING"}
+TRANSIENT_STATES = {"STARTING", "BACKOFF", "STOPPING"}   # warn: not settled
+DOWN_STATES = {"STOPPED", "FATAL", "EXITED", "UNKNOWN"}   # fail: not running
+
+VERDICT_ORDER = {"ok": 0, "warn": 1, "fail": 2}
+
+
+@dataclass
+class Check:
+    name: str
+    verdict: str  # 'ok' | 'warn' | 'fail'
+    summary: str
+    next_step: str = ""
+    data: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Assessment:
+    verdict: str  # 'healthy' | 'degraded' | 'down'
+    problems: list[str]
+    checks: list[Check]
+
+    def to_json(self) -> dict:
+        return {"verdict": self.verdict, "problems": list(self.problems),
+                "checks": [c.to_json() for c in self.checks]}
+
+    @property
+    def exit_code(self) -> int:
+        """0 healthy, 1 degraded, 2 down: what status commands exit with."""
+        return {"healthy": 0, "degraded": 1, "down": 2}[self.verdict]
+
+
+def combine(checks: list[Check]) -> Assessment:
+    """The overall verdict: down on any fail, degraded on any warn. Problems list the worst first."""
+    worst = max((VERDICT_ORDER[c.verdict] for c in checks), default=0)
+    verdict = ("healthy", "degraded", "down")[worst]
+    bad = sorted((c for c in checks if c.verdict != "ok"), key=lambda c: -VERDICT_ORDER[c.verdict])
+    return Assessment(verdict, [f"{c.name}: {c.summary}" for c in bad], checks)
+
+
+@dataclass
+class Context:
+    """What every check reads: the connection, the time, and the thresholds."""
+
+    conn: sqlite3.Connection
+    now: float
+    stall_s: float
+    supervisor: dict | None
+    timing: LeaseTiming
+    workers: tuple[str, ...]
+    clock: object = SYSTEM_CLOCK
+    _leases: dict | None = None
+
+    def leases(self) -> dict[str, dict]:
+        """lease name -> row of `lease_rows` (cached: several checks read it)."""
+        if self._leases is None:
+            self._leases = {r["name"]: r for r in lease_rows(self.conn, self.now, clock=self.clock)}
+        return self._leases
+
+    def progress(self, worker: str) -> dict | None:
+        row = self.conn.execute("SELECT * FROM worker_progress WHERE worker = ?", (worker,)).fetchone()
+        return dict(row) if row else None
+
+    def checkpoint(self, name: str) -> tuple[dict, float] | None:
+        row = self.conn.execute("SELECT value, updated_at FROM checkpoints WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        try:
+            return json.loads(row[0]), row[1]
+        except ValueError:
+            return {}, row[1]
+
+
+def ago(seconds: float | None) -> str:
+    """'42s', '12m', '3.5h', '2.0d' (None: 'never')."""
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _age(now: float, then: float | None) -> float | None:
+    return None if then is None else round(now - then, 1)
+
+
+# ------------------------------------------------------------------ the checks
+
+
+def check_database(ctx: Context) -> Check:
+    try:
+        version = schema_version(ctx.conn)
+        known = latest_version()
+        ctx.conn.execute("SELECT count(*) FROM leases").fetchone()
+    except sqlite3.Error as e:
+        return Check("database", "fail", f"the database cannot be read: {e}",
+                     "check the file and its permissions: ingest db info; restore from backup if damaged")
+    data = {"schema_version": version, "latest": known}
+    if version != known:
+        return Check("database", "fail", f"schema version {version}, this ingest expects {known}",
+                     "run any ingest command once to migrate (ingest db migrate), or upgrade ingest", data)
+    return Check("database", "ok", f"schema version {version}", "", data)
+
+
+def check_leases(ctx: Context) -> Check:
+    """Every worker must hold its lease with a live holder."""
+    try:
+        leases = ctx.leases()
+    except CorruptLease as e:
+        return Check("leases", "fail", str(e), "fix or delete the row by hand (see docs/leases.md)")
+    data, fails, warns = {}, [], []
+    for worker in ctx.workers:
+        row = leases.get(worker)
+        state = row["state"] if row else "never taken"
+        data[worker] = {"state": state, "holder": row and row["holder"], "pid": row and row["pid"],
+                        "fence": row and row["fence"], "held_for": row and row["held_for"],
+                        "transitions": row and row["transitions"]}
+        if state in ("free", "never taken"):
+            fails.append(f"{worker} lease {state}: no {worker} worker is running")
+        elif state == "dead-holder":
+            fails.append(f"{worker} lease held by dead pid {row['pid']}")
+        elif state == "expired":
+            warns.append(f"{worker} lease expired (holder {row['holder']} stopped renewing)")
+    if fails:
+        return Check("leases", "fail", "; ".join(fails + warns),
+                     "start the workers (scripts/start, or supervisorctl start backfill upsert); a dead holder's"
+                     " lease is taken over at once by the next worker", data)
+    if warns:
+        return Check("leases", "warn", "; ".join(warns),
+                     "the holder is hung or paused: look at its log; a live worker takes an expired lease over"
+                     " within its retry interval (ingest leases)", data)
+    return Check("leases", "ok", ", ".join(f"{w} held (fence {data[w]['fence']})" for w in ctx.workers), "", data)
+
+
+def heartbeat_margin(timing: LeaseTiming) -> float:
+    return max(2.0, timing.renew_s / 2)
+
+
+def check_heartbeats(ctx: Context) -> Check:
+    """A held lease renewed longer ago than the renew interval plus a margin: the holder is slow."""
+    limit = ctx.timing.renew_s + heartbeat_margin(ctx.timing)
+    try:
+        leases = ctx.leases()
+    except CorruptLease as e:
+        return Check("heartbeats", "fail", str(e), "fix or delete the row by hand (see docs/leases.md)")
+    data, late = {}, []
+    for name, row in leases.items():
+        if row["state"] not in ("held", "expired"):
+            continue
+        data[name] = {"heartbeat_age": row["heartbeat_age"], "limit": limit, "basis": row["basis"]}
+        if row["heartbeat_age"] is not None and row["heartbeat_age"] > limit:
+            late.append(f"{name} renewed {ago(row['heartbeat_age'])} ago (every {ctx.timing.renew_s:g}s expected)")
+    if late:
+        return Check("heartbeats", "warn", "; ".join(late),
+                     "the holder is blocked (disk, database lock, paused process) or its clock is off;"
+                     " check its log and `ingest leases`", data)
+    return Check("heartbeats", "ok", f"{len(data)} held lease(s) renewed on time", "", data)
+
+
+def _between_passes(ctx: Context, worker: str) -> float | None:
+    """When backfill is legitimately idle between passes: the time its next pass starts."""
+    if worker != "backfill":
+        return None
+    checkpoint = ctx.checkpoint("backfill")
+    next_pass = checkpoint and checkpoint[0].get("next_pass_at")
+    return next_pass if next_pass and next_pass > ctx.now else None
+
+
+def check_progress(ctx: Context) -> Check:
+    """Lease held but no commit for stall_s (a stall), or commits but no successful fetch."""
+    leases = _safe_leases(ctx)
+    data, warns = {}, []
+    for worker in ctx.workers:
+        row = ctx.progress(worker)
+        lease = leases.get(worker)
+        held = bool(lease and lease["state"] == "held")
+        info = {"state": row and row["state"], "held": held}
+        data[worker] = info
+        if row is None:
+            if held and (lease["held_for"] or 0) > ctx.stall_s:
+                warns.append(f"{worker} holds its lease for {ago(lease['held_for'])} but never recorded progress")
+            continue
+        since_acquired = lease["held_for"] if held else None
+        commit_age = _age(ctx.now, row["last_commit_at"])
+        success_age = _age(ctx.now, row["last_success_at"])
+        info.update(last_commit_age=commit_age, last_success_age=success_age, last_error=row["last_error"],
+                    last_error_age=_age(ctx.now, row["last_error_at"]), errors=row["errors"])
+        if not held:
+            continue  # not running: check_leases says so
+        # A new holder gets stall_s from its acquisition before its first commit is due.
+        quiet = min(x for x in (commit_age, since_acquired) if x is not None) if (
+            commit_age is not None or since_acquired is not None) else None
+        next_pass = _between_passes(ctx, worker)
+        if next_pass is not None:
+            info["next_pass_in"] = round(next_pass - ctx.now, 1)
+            continue
+        if quiet is not None and quiet > ctx.stall_s:
+            why = f" (state {row['state']}" + (f", last error: {row['last_error']}" if row["last_error"] else "") + ")"
+            warns.append(f"{worker} holds its lease but committed nothing for {ago(quiet)}{why}")
+        elif success_age is not None and success_age > ctx.stall_s and (since_acquired or 0) > ctx.stall_s:
+            warns.append(f"{worker} commits but its last successful Keepa fetch was {ago(success_age)} ago")
+    if warns:
+        return Check("progress", "warn", "; ".join(warns),
+                     "ingest diagnose stall (tokens, 429s, cursor); then the worker's log"
+                     " (supervisorctl -c supervisor.d/supervisord.conf tail -f WORKER stderr)", data)
+    return Check("progress", "ok", "workers holding a lease are committing work", "", data)
+
+
+def _safe_leases(ctx: Context) -> dict:
+    try:
+        return ctx.leases()
+    except CorruptLease:
+        return {}
+
+
+def token_accounts(ctx: Context) -> list[Account]:
+    return [Account(**dict(r)).projected(ctx.now) for r in ctx.conn.execute("SELECT * FROM token_accounts")]
+
+
+def tokens_spent(conn, since: float, until: float | None = None) -> int:
+    sql = "SELECT coalesce(sum(actual), 0) FROM keepa_calls WHERE at >= ?"
+    args = [since]
+    if until is not None:
+        sql += " AND at < ?"
+        args.append(until)
+    return int(conn.execute(sql, args).fetchone()[0])
+
+
+def check_tokens(ctx: Context) -> Check:
+    """Tokens full but nothing spent (workers idle while tokens expire), or blocked after a 429."""
+    accounts = token_accounts(ctx)
+    if not accounts:
+        return Check("tokens", "warn", "the token ledger has no account yet (no Keepa call made)",
+                     "start the workers; the first call syncs the ledger (ingest tokens)", {})
+    spent = tokens_spent(ctx.conn, ctx.now - ctx.stall_s)
+    data, warns = {"spent_recently": spent, "window_s": ctx.stall_s, "accounts": []}, []
+    for a in accounts:
+        balance = a.server_balance
+        data["accounts"].append({"account": a.account, "balance": round(balance, 1), "cap": a.cap,
+                                 "refill_rate": a.refill_rate, "in_flight": a.in_flight,
+                                 "blocked_until": a.blocked_until})
+        if a.blocked_until is not None and a.blocked_until > ctx.now:
+            warns.append(f"blocked after a 429 for another {ago(a.blocked_until - ctx.now)}")
+        if a.cap > 0 and balance >= FULL_FRACTION * a.cap and spent == 0:
+            warns.append(f"tokens full ({balance:.0f}/{a.cap:.0f}) and none spent in {ago(ctx.stall_s)}:"
+                         " refills are expiring unused")
+    if warns:
+        return Check("tokens", "warn", "; ".join(warns),
+                     "the workers are not calling Keepa: ingest diagnose stall (progress, leases), their logs", data)
+    a = accounts[0]
+    return Check("tokens", "ok", f"balance {a.server_balance:.0f}/{a.cap:.0f}, {spent} spent in {ago(ctx.stall_s)}",
+                 "", data)
+
+
+def check_rate_limits(ctx: Context) -> Check:
+    since = ctx.now - ctx.stall_s
+    rows = ctx.conn.execute(
+        "SELECT worker, count(*), max(at) FROM keepa_calls WHERE status = 'rate_limited' AND at >= ? GROUP BY worker",
+        (since,),
+    ).fetchall()
+    data = {"window_s": ctx.stall_s, "by_worker": {r[0]: r[1] for r in rows}}
+    total = sum(r[1] for r in rows)
+    if total:
+        last = max(r[2] for r in rows)
+        return Check("rate_limits", "warn", f"{total} HTTP 429 in {ago(ctx.stall_s)} (last {ago(ctx.now - last)} ago)",
+                     "something spends tokens outside the ledger (another client on the same key?) or the plan"
+                     " changed: compare `ingest tokens` with Keepa's /token", data)
+    return Check("rate_limits", "ok", f"no 429 in {ago(ctx.stall_s)}", "", data)
+
+
+def check_restarts(ctx: Context) -> Check:
+    """Many acquisitions of one lease lately: a worker crashing and being restarted in a loop."""
+    since = ctx.now - RESTART_WINDOW_S
+    rows = ctx.conn.execute(
+        "SELECT name, count(*) FROM lease_events WHERE at >= ?"
+        " AND event IN ('acquired', 'taken_over_expired', 'taken_over_dead') GROUP BY name",
+        (since,),
+    ).fetchall()
+    counts = {r[0]: r[1] for r in rows}
+    data = {"window_s": RESTART_WINDOW_S, "acquisitions": counts}
+    looping = [f"{name} acquired {n} times in {ago(RESTART_WINDOW_S)}" for name, n in sorted(counts.items())
+               if n >= RESTART_LOOP_ACQUISITIONS]
+    for name, proc in sorted((ctx.supervisor or {}).items()):
+        if proc and proc.get("state") == "BACKOFF":
+            looping.append(f"supervisor: {name} in BACKOFF (exits soon after starting)")
+    if looping:
+        return Check("restarts", "warn", "; ".join(looping),
+                     "the worker exits soon after starting: read the end of its log"
+                     " (supervisorctl -c supervisor.d/supervisord.conf tail WORKER stderr)", data)
+    return Check("restarts", "ok", "no restart loop", "", data)
+
+
+def _program(supervisor: dict, worker: str) -> dict | None:
+    """supervisord names programs 'backfill' or 'group:backfill'."""
+    for name, proc in supervisor.items():
+        if name == worker or name.rsplit(":", 1)[-1] == worker:
+            return proc
+    return None
+
+
+def check_supervisor(ctx: Context) -> Check:
+    if ctx.supervisor is None:
+        return Check("supervisor", "warn", "supervisord is not reachable: process states unknown",
+                     "start it with scripts/start (supervisord -c supervisor.d/supervisord.conf)", {})
+    data, fails, warns = {}, [], []
+    for worker in ctx.workers:
+        proc = _program(ctx.supervisor, worker)
+        state = (proc or {}).get("state", "absent")
+        data[worker] = {"state": state, "pid": (proc or {}).get("pid"), "uptime_s": (proc or {}).get("uptime_s")}
+        if state in RUNNING_STATES:
+            continue
+        (warns if state in TRANSIENT_STATES else fails).append(f"{worker} {state}")
+    if fails:
+        return Check("supervisor", "fail", "not running: " + ", ".join(fails + warns),
+                     "supervisorctl -c supervisor.d/supervisord.conf start WORKER; if FATAL, read its log first", data)
+    if warns:
+        return Check("supervisor", "warn", ", ".join(warns),
+                     "wait a few seconds; if it stays so, read its log", data)
+    return Check("supervisor", "ok", ", ".join(f"{w} RUNNING" for w in ctx.workers), "", data)
+
+
+CORE_CHECKS = (check_database, check_supervisor, check_leases, check_heartbeats, check_progress,
+               check_tokens, check_rate_limits, check_restarts)
+
+
+def make_context(conn, *, now: float | None = None, supervisor: dict | None = None, stall_minutes: float = 10.0,
+                 config: dict | None = None, workers: tuple[str, ...] = WORKERS, clock=SYSTEM_CLOCK) -> Context:
+    timing = LeaseTiming.from_config(config or {})
+    return Context(conn, clock.wall() if now is None else now, stall_minutes * 60.0, supervisor, timing,
+                   tuple(workers), clock)
+
+
+def run_checks(ctx: Context, checks) -> list[Check]:
+    """Run each check; one that raises becomes a 'fail' naming the error, never a traceback."""
+    out = []
+    for check in checks:
+        try:
+            out.append(check(ctx))
+        except sqlite3.Error as e:
+            out.append(Check(check.__name__.removeprefix("check_"), "fail", f"database error: {e}",
+                             "ingest diagnose stall (integrity); check the database file"))
+    return out
+
+
+def assess(conn, *, now: float | None = None, supervisor: dict[str, dict] | None = None,
+           stall_minutes: float = 10.0, config: dict | None = None, workers: tuple[str, ...] = WORKERS,
+           clock=SYSTEM_CLOCK) -> Assessment:
+    """The verdict `ingest status` shows. `supervisor`: program name -> {state, pid, uptime_s, ...},
+    or None when supervisord is not reachable. `config` supplies the lease timing ([leases])."""
+    ctx = make_context(conn, now=now, supervisor=supervisor, stall_minutes=stall_minutes, config=config,
+                       workers=workers, clock=clock)
+    return combine(run_checks(ctx, CORE_CHECKS))
