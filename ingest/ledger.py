@@ -277,7 +277,7 @@ class Ledger:
         """Wait (interruptibly) until the ledger admits `cost` for `worker`, then hold it."""
         try:
             while True:
-                outcome = self.try_reserve(cost, worker, kind, units=units)
+                outcome = self.try_reserve(cost, worker, kind, units=units, waiting=True)
                 if isinstance(outcome, Reservation):
                     return outcome
                 wait = min(max(outcome.wait_s, self.policy.min_wait_s), self.policy.max_wait_s)
@@ -287,8 +287,11 @@ class Ledger:
             self._clear_waiting(worker)
             raise
 
-    def try_reserve(self, cost: float, worker: str, kind: str = "call", *, units: int = 0) -> "Reservation | Refusal":
-        """One atomic attempt: a Reservation, or a Refusal saying how long to wait and why."""
+    def try_reserve(self, cost: float, worker: str, kind: str = "call", *, units: int = 0,
+                    waiting: bool = False) -> "Reservation | Refusal":
+        """One atomic attempt: a Reservation, or a Refusal saying how long to wait and why.
+        `waiting=True` (what reserve() passes) marks the worker as waiting, so sharing counts it
+        as busy until it is admitted or stops."""
         now = self.clock.wall()
         with transaction(self.conn):
             account = self._load_for_update()
@@ -301,7 +304,8 @@ class Ledger:
                 )
             refusal = self._refusal(account, cost, worker, now)
             if refusal is not None:
-                self._mark_waiting(worker, cost, now)
+                if waiting:
+                    self._mark_waiting(worker, cost, now)
                 self._store(account)
                 return refusal
             account = _replace(account, balance=account.balance - cost, in_flight=account.in_flight + cost)
@@ -415,7 +419,12 @@ class Ledger:
         whether the server charged it, and assuming it did errs on the side of waiting."""
         now = self.clock.wall()
         with transaction(self.conn):
-            account = self._close(reservation)
+            stored = self.load()
+            # An envelope older than one already applied arrives late: that newer balance already
+            # included this call's charge, so closing the reservation must not deduct it again.
+            late = bool(envelope is not None and envelope.server_time is not None and stored is not None
+                        and stored.server_ts is not None and envelope.server_time < stored.server_ts)
+            account = self._close(reservation, refund=late)
             consumed = envelope.tokens_consumed if envelope is not None else None
             if consumed is not None and not (envelope and envelope.complete):
                 account = _replace(account, balance=account.balance + reservation.cost - consumed)

@@ -1,0 +1,85 @@
+"""Four real processes reserving against one ledger row never admit beyond the model; the naive
+deferred pattern (SELECT, then UPDATE, Python's default transaction handling) does, under the
+same load, which is why every read-then-write in the ledger is one BEGIN IMMEDIATE."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ingest.clock import FakeClock
+from ingest.ledger import Ledger, LedgerPolicy, Reservation
+from ingest.store import connect, open_db
+
+from .conftest import ROOT
+
+NOW = 1_700_000_000.0
+PROCESSES = 4
+
+
+def hammer(db: str, mode: str, go: str, out: str, worker: str) -> None:
+    """Reserve 1 token at a time until refused; write how many were admitted. No clock ticks
+    (a frozen clock), so the model admits exactly the starting balance, in total."""
+    if mode == "ledger":
+        ledger = Ledger(connect(db), "acct", LedgerPolicy(), FakeClock(wall=NOW))
+    else:
+        conn = sqlite3.connect(db, timeout=30)  # Python's default: a deferred transaction opened by the UPDATE
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    admitted = 0
+    while True:
+        if mode == "ledger":
+            if not isinstance(ledger.try_reserve(1, worker, "deal"), Reservation):
+                break
+        else:
+            balance = conn.execute("SELECT balance FROM token_accounts WHERE account = 'acct'").fetchone()[0]
+            if balance < 1:
+                break
+            conn.execute("UPDATE token_accounts SET balance = ?, in_flight = in_flight + 1 WHERE account = 'acct'",
+                         (balance - 1,))
+            conn.execute("INSERT INTO token_reservations (account, worker, kind, cost, created_at, expires_at)"
+                         " VALUES ('acct', ?, 'deal', 1, 0, 1e12)", (worker,))
+            conn.commit()
+        admitted += 1
+    Path(out).write_text(json.dumps(admitted))
+
+
+def run_contention(db_path: Path, mode: str, balance: int) -> tuple[int, int]:
+    ledger = Ledger(open_db(db_path), "acct", LedgerPolicy(), FakeClock(wall=NOW))
+    ledger.set_state(balance=balance, refill_rate=300, next_tick=NOW + 3600)
+    go = db_path.parent / f"go-{mode}"
+    procs, outs = [], []
+    for i in range(PROCESSES):
+        out = db_path.parent / f"{mode}-{i}.json"
+        outs.append(out)
+        code = f"from tests.test_ledger_contention import hammer; hammer({str(db_path)!r}, {mode!r}, {str(go)!r}, {str(out)!r}, 'w{i}')"
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT))
+    try:
+        time.sleep(0.5)  # let all four connect and spin on the go file
+        go.write_text("go")
+        for p in procs:
+            assert p.wait(timeout=90) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    admitted = sum(json.loads(o.read_text()) for o in outs)
+    rows = ledger.conn.execute("SELECT count(*) FROM token_reservations").fetchone()[0]
+    return admitted, rows
+
+
+def test_four_processes_never_admit_beyond_the_balance(db_path):
+    admitted, rows = run_contention(db_path, "ledger", balance=2000)
+    assert admitted == 2000 and rows == 2000
+    a = Ledger(connect(db_path), "acct", LedgerPolicy(), FakeClock(wall=NOW)).load()
+    assert a.balance == 0 and a.in_flight == 2000
+
+
+def test_the_naive_deferred_pattern_over_admits_under_the_same_load(db_path):
+    admitted, rows = run_contention(db_path, "naive", balance=2000)
+    assert rows == admitted
+    assert admitted > 2000, "the lost-update race did not show: the suite no longer guards against it"
