@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROC = Path("/proc")
+UNKNOWN_BOOT = "unknown-boot"  # no /proc: we can neither check pids nor trust shared clocks
 
 
 def _read(path: Path) -> str | None:
@@ -24,7 +25,7 @@ def _read(path: Path) -> str | None:
 
 def boot_id() -> str:
     """Changes on every boot: CLOCK_MONOTONIC readings compare only within one boot."""
-    return _read(PROC / "sys/kernel/random/boot_id") or "unknown-boot"
+    return _read(PROC / "sys/kernel/random/boot_id") or UNKNOWN_BOOT
 
 
 def pid_namespace() -> str:
@@ -81,8 +82,9 @@ class Identity:
         return cls(socket.gethostname(), boot_id(), pid_namespace(), pid, start_time(pid))
 
     def is_local(self, host: str | None, boot: str | None, pidns: str | None) -> bool:
-        """Same machine, same boot, same pid namespace: pids and monotonic clocks compare."""
-        return (host, boot, pidns) == (self.host, self.boot, self.pidns)
+        """Same machine, same boot, same pid namespace: pids and monotonic clocks compare.
+        Without a boot id nothing is local: every holder gets the (safe) remote rule."""
+        return self.boot != UNKNOWN_BOOT and (host, boot, pidns) == (self.host, self.boot, self.pidns)
 
     @property
     def label(self) -> str:

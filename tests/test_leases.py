@@ -19,7 +19,7 @@ from ingest.clock import SYSTEM_CLOCK, FakeClock
 from ingest.errors import EXIT_DATABASE, ConfigError
 from ingest.lease_table import CorruptLease
 from ingest.leases import Lease, LeaseLost, LeaseTiming, lease_rows
-from ingest.procinfo import Identity, is_alive, start_time
+from ingest.procinfo import UNKNOWN_BOOT, Identity, is_alive, start_time
 from ingest.store import open_db, transaction
 
 from .conftest import INGEST
@@ -160,6 +160,16 @@ def test_remote_holder_expires_only_after_a_ttl_of_observed_silence(db_path, clo
     clock.advance(2)
     assert contender.try_acquire() and contender.fence == 2
     assert event_names(conn)[-1] == "taken_over_expired"
+
+
+def test_without_a_boot_id_no_holder_counts_as_local(db_path, clock):
+    """No /proc (not Linux): a pid check would be meaningless, so only the TTL rule applies."""
+    blind = dataclasses.replace(Identity.current(), boot=UNKNOWN_BOOT)
+    assert lease(db_path, clock, identity=dataclasses.replace(blind, pid=dead_pid(), nonce="x")).try_acquire()
+    contender = lease(db_path, clock, identity=blind)
+    assert not contender.try_acquire()
+    clock.advance(TIMING.ttl_s + 1)
+    assert contender.try_acquire()
 
 
 def test_acquire_waits_then_takes_over_or_gives_up(db_path, clock):
