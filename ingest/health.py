@@ -204,7 +204,7 @@ def _between_passes(ctx: Context, worker: str) -> float | None:
 
 
 def check_progress(ctx: Context) -> Check:
-    """Lease held but no commit for stall_s (a stall), or commits but no successful fetch."""
+    """Lease held but no commit for stall_s: a stall."""
     leases = _safe_leases(ctx)
     data, warns = {}, []
     for worker in ctx.workers:
@@ -234,13 +234,43 @@ def check_progress(ctx: Context) -> Check:
         if quiet is not None and quiet > ctx.stall_s:
             why = f" (state {row['state']}" + (f", last error: {row['last_error']}" if row["last_error"] else "") + ")"
             warns.append(f"{worker} holds its lease but committed nothing for {ago(quiet)}{why}")
-        elif success_age is not None and success_age > ctx.stall_s and (since_acquired or 0) > ctx.stall_s:
-            warns.append(f"{worker} commits but its last successful Keepa fetch was {ago(success_age)} ago")
     if warns:
         return Check("progress", "warn", "; ".join(warns),
                      "ingest diagnose stall (tokens, 429s, cursor); then the worker's log"
                      " (supervisorctl -c supervisor.d/supervisord.conf tail -f WORKER stderr)", data)
     return Check("progress", "ok", "workers holding a lease are committing work", "", data)
+
+
+def check_last_fetch(ctx: Context) -> Check:
+    """The last Keepa call that returned data, per worker. A worker that holds its lease (and is
+    not between backfill passes) but has fetched nothing for stall_s is failing to fetch, even if
+    it still commits (incomplete outcomes, touched deals)."""
+    leases = _safe_leases(ctx)
+    calls = {r[0]: (r[1], r[2]) for r in ctx.conn.execute(
+        "SELECT worker, max(at), (SELECT status FROM keepa_calls k2 WHERE k2.worker = k.worker ORDER BY id DESC LIMIT 1)"
+        " FROM keepa_calls k GROUP BY worker")}
+    data, warns = {}, []
+    for worker in ctx.workers:
+        row = ctx.progress(worker) or {}
+        lease = leases.get(worker)
+        held = bool(lease and lease["state"] == "held")
+        last_call, last_status = calls.get(worker, (None, None))
+        success_age = _age(ctx.now, row.get("last_success_at"))
+        data[worker] = {"last_success_age": success_age, "last_call_age": _age(ctx.now, last_call),
+                        "last_call_status": last_status}
+        if not held or _between_passes(ctx, worker) is not None or (lease["held_for"] or 0) <= ctx.stall_s:
+            continue
+        if success_age is None or success_age > ctx.stall_s:
+            status = f" (last call: {last_status}, {ago(_age(ctx.now, last_call))} ago)" if last_call else ""
+            warns.append(f"{worker}: last successful Keepa fetch {ago(success_age)}"
+                         f"{' ago' if success_age is not None else ''}{status}")
+    if warns:
+        return Check("last_fetch", "warn", "; ".join(warns),
+                     "look at its recent calls: sqlite3 DB \"SELECT * FROM keepa_calls ORDER BY id DESC LIMIT 20\";"
+                     " tokens (ingest tokens) and the worker's log", data)
+    return Check("last_fetch", "ok", ", ".join(f"{w} {ago(data[w]['last_success_age'])}"
+                                               f"{' ago' if data[w]['last_success_age'] is not None else ''}"
+                                               for w in ctx.workers), "", data)
 
 
 def _safe_leases(ctx: Context) -> dict:
@@ -357,7 +387,7 @@ def check_supervisor(ctx: Context) -> Check:
 
 
 CORE_CHECKS = (check_database, check_supervisor, check_leases, check_heartbeats, check_progress,
-               check_tokens, check_rate_limits, check_restarts)
+               check_last_fetch, check_tokens, check_rate_limits, check_restarts)
 
 
 def make_context(conn, *, now: float | None = None, supervisor: dict | None = None, stall_minutes: float = 10.0,

@@ -7,7 +7,7 @@ import pytest
 
 from ingest.clock import FakeClock
 from ingest.health import (RESTART_LOOP_ACQUISITIONS, Check, assess, check_database, check_heartbeats,
-                           check_leases, check_progress, check_rate_limits, check_restarts, check_supervisor,
+                           check_last_fetch, check_leases, check_progress, check_rate_limits, check_restarts, check_supervisor,
                            check_tokens, combine, make_context)
 from ingest.procinfo import Identity
 from ingest.store import open_db
@@ -229,11 +229,31 @@ def test_backfill_between_passes_is_not_a_stall(conn):
     assert run(check_progress, conn).verdict == "warn"
 
 
+# ------------------------------------------------------------------ last successful fetch
+
+
+def test_last_fetch_ok(conn):
+    healthy_state(conn)
+    check = run(check_last_fetch, conn)
+    assert check.verdict == "ok" and check.data["backfill"]["last_call_status"] == "ok"
+
+
 def test_commits_without_successful_fetch_warn(conn):
     healthy_state(conn)
     put_progress(conn, "backfill", commit_age=20, success_age=40 * 60)
-    check = run(check_progress, conn)
-    assert check.verdict == "warn" and "last successful Keepa fetch was 40m ago" in check.summary
+    put_call(conn, age=30, status="malformed", actual=None)
+    assert run(check_progress, conn).verdict == "ok"
+    check = run(check_last_fetch, conn)
+    assert check.verdict == "warn"
+    assert "backfill: last successful Keepa fetch 40m ago (last call: malformed, 30s ago)" in check.summary
+
+
+def test_never_fetched_warns_only_after_stall_from_acquisition(conn):
+    put_lease(conn, "backfill", held_for=60)
+    put_lease(conn, "upsert", held_for=3600)
+    check = run(check_last_fetch, conn)
+    assert check.verdict == "warn" and "upsert: last successful Keepa fetch never" in check.summary
+    assert "backfill" not in check.summary
 
 
 def test_held_lease_without_any_progress_row_warns_after_stall(conn):
