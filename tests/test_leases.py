@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from ingest.cli import main
 from ingest.clock import SYSTEM_CLOCK, FakeClock
-from ingest.errors import EXIT_DATABASE, ConfigError
+from ingest.errors import EXIT_DATABASE, ConfigError, StoreError
 from ingest.lease_table import CorruptLease
 from ingest.leases import Lease, LeaseLost, LeaseTiming, lease_rows
 from ingest.procinfo import UNKNOWN_BOOT, Identity, is_alive, start_time
@@ -328,6 +328,27 @@ def test_heartbeat_notices_a_forced_release_within_a_renew_interval(db_path, con
     assert a.lost.wait(fast.renew_s + 1)
     assert event_names(conn) == ["acquired", "force_released", "lost"]
     a.release()
+
+
+def test_heartbeat_gives_up_when_renewals_fail_for_a_ttl(db_path, clock, monkeypatch):
+    """Database unusable (locked, I/O): after a TTL without a renewal others may take over, so
+    the holder must consider the lease lost. FakeClock: each heartbeat sleep advances time."""
+    a = lease(db_path, clock)
+    assert a.try_acquire()
+    attempts = []
+
+    def failing(conn):
+        attempts.append(clock.monotonic())
+        raise StoreError("database stayed locked")
+
+    monkeypatch.setattr(a, "_renew_on", failing)
+    started = clock.monotonic()
+    a.start_heartbeat()
+    assert a.lost.wait(5)
+    assert attempts[0] - started == TIMING.renew_s  # then retried every retry_s
+    assert TIMING.ttl_s < attempts[-1] - started <= TIMING.ttl_s + TIMING.retry_s
+    with pytest.raises(LeaseLost):
+        a.check()
 
 
 # ---------------------------------------------------------------- corrupt rows

@@ -75,7 +75,7 @@ def workers():
         return w
 
     yield start
-    for w in started:  # never leave a process behind (SIGCONT first: a stopped one ignores nothing but waits)
+    for w in started:  # never leave a process behind, stopped ones included
         if w.proc.poll() is None:
             os.kill(w.proc.pid, signal.SIGCONT)
         w.stop()
