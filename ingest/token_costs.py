@@ -12,6 +12,7 @@ import math
 ALPHA = 0.2
 KEEP_SAMPLES = 50
 PERCENTILE = 0.9
+FLOOR_SHARE_OF_PRIOR = 0.25
 PRIORS = {"deal": 5.0, "product": 1.0, "token": 0.0}
 
 
@@ -35,7 +36,8 @@ def unit_cost(conn, account: str, kind: str) -> float:
         return prior(kind)
     samples = sorted(json.loads(row["samples"]))
     high = samples[min(int(PERCENTILE * len(samples)), len(samples) - 1)] if samples else 0.0
-    return max(row["avg"], high)
+    # a run of ASINs Keepa did not find (free) must not teach the ledger that products are free
+    return max(row["avg"], high, FLOOR_SHARE_OF_PRIOR * prior(kind))
 
 
 def estimate_cost(conn, account: str, kind: str, units: int) -> float:
