@@ -68,12 +68,14 @@ class SimApp:
         started = time.perf_counter()
         endpoint = "/" + path.strip("/") if path.strip("/") else "/"
         params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
-        self._count(self.requests, endpoint if endpoint in KEEPA_ENDPOINTS or endpoint.startswith("/_sim")
-                    else "other")
+        if endpoint.startswith("/_sim/"):  # admin traffic is not counted in the stats
+            try:
+                return self._admin(method, endpoint, body)
+            except BadRequest as e:
+                return Reply(e.status, {"error": {"type": e.error_type, "message": str(e), "details": None}})
+        self._count(self.requests, endpoint if endpoint in KEEPA_ENDPOINTS else "other")
         try:
-            if endpoint.startswith("/_sim/"):
-                reply = self._admin(method, endpoint, body)
-            elif endpoint in KEEPA_ENDPOINTS:
+            if endpoint in KEEPA_ENDPOINTS:
                 if "form-urlencoded" in content_type and body:
                     params.update({k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace")).items()})
                     body = b""

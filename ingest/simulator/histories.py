@@ -129,7 +129,7 @@ def _generate(cat: Catalogue, p: Profile, b: _Builder) -> None:
             rank = min(MAX_RANK, int(rank * r.uniform(1.0, 1.08)) + 1)
             if pending_rank is None:
                 b.emit(SALES, t, rank)
-        if r.random() < 1 - math.exp(-dt / (10 * MINUTES_PER_DAY)):
+        if p.kind != "no_sales" and r.random() < 1 - math.exp(-dt / (10 * MINUTES_PER_DAY)):
             cu += 1  # a seller lists a used copy
             b.emit(COUNT_USED, t, cu)
             offer = int(p.base_used * r.uniform(0.6, 1.3))
@@ -156,7 +156,7 @@ def deal_update(cat: Catalogue, p: Profile, k: int) -> dict[int, int]:
     """Values Keepa saw at a listed product's k-th deal update (a used-price drop, often a sale)."""
     r = cat.rng(p.index, f"u{k}")
     sale = p.kind != "no_sales" and r.random() < 0.35
-    cu = max(1, p.base_count_used + r.randint(-3, 2))
+    cu = p.base_count_used if p.kind == "no_sales" else max(1, p.base_count_used + r.randint(-3, 2))
     rank_factor = r.uniform(0.05, 0.4) if sale else r.uniform(0.8, 1.6)
     if p.deal and p.deal.new_drops:
         new = int(p.base_new * r.uniform(0.45, 0.85))
