@@ -109,21 +109,27 @@ class Lease:
 
     def try_acquire(self) -> bool:
         """One attempt, never waits for the lease. True when we hold it afterwards."""
-        if self._fence is not None and not self.lost.is_set():
+        if self.held:
             return True
-        with self._own_transaction(self._connection()) as conn:
-            row = read_lease(conn, self.name)
-            how = self._may_take(row)
-            if how is None:
-                return False
-            event, detail = how
-            fence = self._take(conn, row, event, detail)
-        self._fence = fence
-        self._observed = None
-        with self._lost_lock:
-            self._lost_recorded = False
-            self.lost.clear()
-        log.info("lease %s %s, fence %d%s", self.name, event, fence, f" ({detail})" if detail else "")
+        try:
+            with self._own_transaction(self._connection()) as conn:
+                row = read_lease(conn, self.name)
+                how = self._may_take(row)
+                if how is None:
+                    return False
+                event, detail = how
+                # set before the commit: a release() deferred to the commit must see it
+                self._fence = self._take(conn, row, event, detail)
+                self._observed = None
+                with self._lost_lock:
+                    self._lost_recorded = False
+                    self.lost.clear()
+        except BaseException:
+            self._fence = None
+            raise
+        if self._fence is None:  # a signal asked for release during the attempt
+            return False
+        log.info("lease %s %s, fence %d%s", self.name, event, self._fence, f" ({detail})" if detail else "")
         return True
 
     def acquire(self, stop: threading.Event | None = None, timeout: float | None = None) -> bool:

@@ -309,6 +309,25 @@ def test_release_from_a_signal_inside_a_fenced_write_waits_for_it(db_path, clock
     assert row(conn)["holder_nonce"] is None and event_names(conn) == ["acquired", "released"]
 
 
+def test_release_from_a_signal_during_acquire_wins(db_path, clock, conn, monkeypatch):
+    a = lease(db_path, clock)
+    take = a._take
+
+    def take_then_signal(*args):
+        fence = take(*args)
+        os.kill(os.getpid(), signal.SIGUSR1)  # SIGTERM-like handler runs mid-acquire
+        time.sleep(0.01)
+        return fence
+
+    monkeypatch.setattr(a, "_take", take_then_signal)
+    previous = signal.signal(signal.SIGUSR1, lambda *_: a.release())
+    try:
+        assert a.try_acquire() is False
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert row(conn)["holder_nonce"] is None and event_names(conn) == ["acquired", "released"]
+
+
 def test_context_manager_acquires_heartbeats_and_releases(db_path, conn):
     fast = LeaseTiming(ttl_s=0.4, renew_s=0.1, retry_s=0.05)
     with Lease(db_path, "job", fast) as a:
