@@ -171,6 +171,7 @@ def main():
     p.add_argument("--renew", type=float, default=10.0)
     p.add_argument("--retry", type=float, default=2.0)
     args = p.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # figures appear as they are measured
     timing = LeaseTiming(args.ttl, args.renew, args.retry)
     with tempfile.TemporaryDirectory() as tmp:
         db = str(Path(tmp) / "bench.db")
