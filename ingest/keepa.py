@@ -12,6 +12,7 @@ exception, and every message built from a library exception goes through `redact
 import json
 import logging
 import random
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -234,7 +235,7 @@ class KeepaClient:
                     endpoint=endpoint,
                     envelope=failure.envelope,
                 )
-            log.warning("keepa %s: %s; retry %d in %.2fs", endpoint, failure, attempt, delay)
+            log.warning("keepa %s; retry %d in %.2fs", failure, attempt, delay)
             if self.clock.sleep(delay, self.stop):
                 raise TransientError(f"{endpoint}: stopped while retrying: {failure}", endpoint=endpoint)
         raise AssertionError("unreachable")
@@ -253,7 +254,7 @@ class KeepaClient:
         except requests.Timeout as e:
             problem = f"timed out ({type(e).__name__})"
         except requests.ConnectionError as e:
-            problem = f"connection failed: {self._clean(str(e))[:200]}"
+            problem = f"connection failed: {_connection_reason(self._clean(str(e)))}"
         except requests.RequestException as e:
             problem = f"request failed: {type(e).__name__}: {self._clean(str(e))[:200]}"
         if problem is not None:
@@ -288,6 +289,22 @@ class KeepaClient:
 
     def close(self) -> None:
         self.session.close()
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")(]+)")
+
+
+def _connection_reason(text: str) -> str:
+    """The useful end of urllib3's nested connection error ("Connection refused", ...)."""
+    found = _ERRNO.search(text)
+    if found:
+        return found.group(1).strip().rstrip(".")
+    for marker, reason in (("RemoteDisconnected", "the server closed the connection without answering"),
+                           ("Connection aborted", "connection aborted"), ("Connection reset", "connection reset"),
+                           ("NameResolutionError", "host name not resolved")):
+        if marker in text:
+            return reason
+    return text[:160]
 
 
 def _parse_json(text: str) -> tuple[dict, str | None]:
