@@ -243,15 +243,20 @@ class SimApp:
     def stats(self) -> dict:
         with self._lock:
             asins = sorted(self.deal_asins)
+            tokens = self.token_info()
             return {
-                "tokens": self.token_info(),
+                "tokens": tokens,
+                "tokens_consumed": tokens["consumed"],  # flat aliases of tokens.* and served_429
+                "tokens_refilled": tokens["refilled"],
                 "served_429": self.served_429,
+                "responses_429": self.served_429,
                 "faults": dict(self.faults.counts),
                 "requests": dict(self.requests),
                 "statuses": dict(self.statuses),
                 "products_returned": self.products_returned,
                 "deal_asins_count": len(asins),
                 "deal_asins": asins,
+                "listed_asins": asins,  # alias of deal_asins
             }
 
 

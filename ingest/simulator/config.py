@@ -35,6 +35,7 @@ class SimConfig:
     fault_malformed: float = 0.0
     fault_no_history: float = 0.0  # share of products returned with csv = null
     force_429_window: tuple[float, float] | None = None  # (start_s after start, duration_s)
+    force_429: tuple[float, float] | None = None  # alias of force_429_window
     rate_change: tuple[float, int] | None = None  # (at_s after start, new refill rate)
     # Deal dynamics: how many listed deals get a new lastUpdate per minute, and how many
     # products start being deal-listed per minute after start.
@@ -44,6 +45,13 @@ class SimConfig:
     deal_cache_s: float = 120.0  # Keepa caches a deal query's result about 120 s
     anchor: float | None = None  # Unix seconds where generated histories end; None = start time
     clock: object = field(default=SYSTEM_CLOCK, repr=False)
+
+    def __post_init__(self):
+        if self.force_429 is not None and self.force_429_window is None:
+            self.force_429_window = tuple(self.force_429)
+        if self.api_keys is not None:
+            self.api_keys = tuple(self.api_keys)
+        self.expired_keys = tuple(self.expired_keys or ())
 
     def validate(self) -> None:
         """Raise ValueError with one line on a setting that cannot work."""

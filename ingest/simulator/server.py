@@ -104,7 +104,16 @@ class Simulator:
         return f"http://{host}:{self.port}"
 
     def stats(self) -> dict:
+        """Same as GET /_sim/stats."""
         return self.app.stats()
+
+    def set_faults(self, **changes) -> dict:
+        """Same as POST /_sim/faults, e.g. set_faults(fault_500=0.3, force_429=[0, 10])."""
+        return self.app.faults.update(changes)
+
+    def set_tokens(self, **changes) -> dict:
+        """Same as POST /_sim/tokens, e.g. set_tokens(tokens=-20, refill_rate=5)."""
+        return self.app.update_tokens(changes)
 
     def stop(self) -> None:
         self.stop_event.set()
