@@ -1,3 +1,230 @@
-"""`ingest status` commands (placeholder until its issue lands)."""
+"""`ingest status`: one screen for an operator. supervisord's programs, leases, tokens, deals by
+status, each worker's last progress, and the verdict of the health checks (ingest.health) with
+the problems and next steps. Exit 0 healthy, 1 degraded, 2 down."""
 
-commands = []
+import sys
+import time
+from datetime import datetime
+
+import click
+
+from ..supervisor import SupervisorView, describe_exit, probe
+from .leases import _duration, _table
+
+try:
+    from ..health import assess
+except ImportError:  # pragma: no cover - only while ingest.health is missing
+    assess = None
+
+EXIT_BY_VERDICT = {"healthy": 0, "degraded": 1, "down": 2}
+MARKS = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+
+
+# ---------------------------------------------------------------- gathering
+
+
+def _tokens(conn, now: float) -> list[dict]:
+    from ..ledger import Account
+
+    out = []
+    for row in conn.execute("SELECT * FROM token_accounts ORDER BY account"):
+        a = Account(**dict(row)).projected(now)
+        reservations = conn.execute(
+            "SELECT count(*) FROM token_reservations WHERE account = ? AND expires_at >= ?", (a.account, now)
+        ).fetchone()[0]
+        out.append({
+            "account": a.account, "balance": round(a.server_balance, 1), "available": round(a.balance, 1),
+            "in_flight": a.in_flight, "cap": a.cap, "refill_rate": a.refill_rate,
+            "blocked_until": a.blocked_until if a.blocked_until and a.blocked_until > now else None,
+            "reservations": reservations, "synced_at": a.synced_at,
+        })
+    return out
+
+
+def _fallback_assessment(view: SupervisorView, leases: list[dict]) -> dict:
+    """Used only when ingest.health is not installed: supervisor states and leases."""
+    problems = []
+    if not view.running:
+        problems.append(f"supervisor: {view.error}")
+    for name in ("backfill", "upsert"):
+        state = view.programs.get(name, {}).get("state", "absent") if view.running else None
+        if state is not None and state != "RUNNING":
+            problems.append(f"supervisor: {name} {state}")
+        if not any(r["name"] == name and r["state"] == "held" for r in leases):
+            problems.append(f"leases: {name} lease not held")
+    verdict = "down" if problems else "healthy"
+    return {"verdict": verdict, "problems": problems, "checks": []}
+
+
+def gather(app, *, stall_minutes: float, supervisor_conf: str | None, now: float | None = None) -> dict:
+    """Everything the screen and --json show, as plain data."""
+    from ..deals import deal_counts, progress_rows
+    from ..lease_table import lease_rows
+
+    now = time.time() if now is None else now
+    view = probe(supervisor_conf)
+    conn = app.db()
+    leases = lease_rows(conn, now)
+    programs = view.programs if view.running else None
+    if assess is not None:
+        assessment = assess(conn, now=now, supervisor=programs, stall_minutes=stall_minutes,
+                            config=app.config).to_json()
+    else:
+        assessment = _fallback_assessment(view, leases)
+    other = _other_programs(view)
+    if other:
+        assessment["problems"].append(other)
+        if assessment["verdict"] == "healthy":
+            assessment["verdict"] = "degraded"
+    return {
+        "verdict": assessment["verdict"],
+        "problems": assessment["problems"],
+        "at": now,
+        "database": str(app.db_path),
+        "supervisor": {
+            "running": view.running, "config": str(view.config) if view.config else None,
+            "pid": view.supervisord_pid, "error": view.error, "programs": view.programs,
+        },
+        "leases": leases,
+        "tokens": _tokens(conn, now),
+        "deals": deal_counts(conn),
+        "progress": progress_rows(conn),
+        "checks": assessment["checks"],
+    }
+
+
+def _other_programs(view: SupervisorView) -> str | None:
+    """Programs besides the workers (the demo's simulator) that are not running."""
+    if not view.running:
+        return None
+    bad = [f"{name} {p['state']}" for name, p in sorted(view.programs.items())
+           if name not in ("backfill", "upsert") and p["state"] != "RUNNING"]
+    return "supervisor: " + ", ".join(bad) + " (not a worker)" if bad else None
+
+
+# ---------------------------------------------------------------- the screen
+
+
+def _ago(now: float, then: float | None) -> str:
+    return "never" if then is None else _duration(now - then) + " ago"
+
+
+def _program_note(p: dict) -> str:
+    if p["state"] == "RUNNING":
+        return ""
+    if p["spawnerr"]:
+        return p["spawnerr"]
+    if p["state"] in ("EXITED", "BACKOFF", "FATAL") and p["exitstatus"] is not None:
+        return describe_exit(p["exitstatus"])
+    return p["description"]
+
+
+def _show_supervisor(s: dict) -> None:
+    if not s["running"]:
+        click.echo(f"supervisord  not running: {s['error']}")
+        return
+    click.echo(f"supervisord  running, pid {s['pid']} ({s['config']})")
+    if not s["programs"]:
+        click.echo("  no programs")
+        return
+    rows = [[name, p["state"], str(p["pid"] or "-"), _duration(p["uptime_s"]), _program_note(p)]
+            for name, p in sorted(s["programs"].items())]
+    _indented(["PROGRAM", "STATE", "PID", "UPTIME", "NOTE"], rows)
+
+
+def _indented(headers, rows) -> None:
+    # _table echoes; indent by prefixing the first column
+    _table(["  " + headers[0], *headers[1:]], [["  " + r[0], *r[1:]] for r in rows])
+
+
+def _show_leases(leases: list[dict]) -> None:
+    click.echo("leases")
+    if not leases:
+        click.echo("  none taken yet")
+        return
+    rows = [[r["name"], r["holder"] or "-", str(r["fence"]), r["state"], _duration(r["held_for"]),
+             _duration(r["heartbeat_age"]), ("~" if r["basis"] == "wall" else "") + _duration(r["expires_in"])]
+            for r in leases]
+    _indented(["NAME", "HOLDER", "FENCE", "STATE", "HELD FOR", "HEARTBEAT", "EXPIRES IN"], rows)
+
+
+def _show_tokens(tokens: list[dict], now: float) -> None:
+    if not tokens:
+        click.echo("tokens       no Keepa call yet")
+        return
+    for t in tokens:
+        blocked = f", blocked for {_duration(t['blocked_until'] - now)}" if t["blocked_until"] else ""
+        click.echo(f"tokens       {t['balance']:.0f} / {t['cap']:.0f}, refill {t['refill_rate']:g}/min,"
+                   f" in flight {t['in_flight']:g} ({t['reservations']} reservations){blocked}"
+                   f"  [account {t['account']}]")
+
+
+def _show_deals(deals: dict) -> None:
+    total = sum(deals.values())
+    parts = "  ".join(f"{status} {n}" for status, n in deals.items())
+    click.echo(f"deals        {parts}  (total {total})")
+
+
+def _show_progress(progress: list[dict], now: float) -> None:
+    click.echo("progress")
+    if not progress:
+        click.echo("  no worker has started yet")
+        return
+    rows = [[p["worker"], p["state"], _ago(now, p["last_commit_at"]), _ago(now, p["last_success_at"]),
+             str(p["pages"]), str(p["accepted"]), str(p["rejected"]), str(p["incomplete"]), str(p["tokens_spent"]),
+             str(p["errors"]), (p["last_error"] or "")[:60]]
+            for p in progress]
+    _indented(["WORKER", "STATE", "LAST COMMIT", "LAST FETCH", "PAGES", "ACC", "REJ", "INC", "TOKENS",
+               "ERRORS", "LAST ERROR"], rows)
+
+
+def _show_problems(state: dict) -> None:
+    """Each check that is not ok, worst first, with its next step (--json lists every check)."""
+    bad = sorted((c for c in state["checks"] if c["verdict"] != "ok"), key=lambda c: c["verdict"] != "fail")
+    shown = set()
+    for c in bad:
+        click.echo(f"  {MARKS.get(c['verdict'], c['verdict'])}  {c['name']}: {c['summary']}")
+        if c.get("next_step"):
+            click.echo(f"        -> {c['next_step']}")
+        shown.add(f"{c['name']}: {c['summary']}")
+    for problem in state["problems"]:  # problems without a check (the fallback, other programs)
+        if problem not in shown:
+            click.echo(f"  -     {problem}")
+    click.echo()
+
+
+def show(state: dict) -> None:
+    now = state["at"]
+    stamp = datetime.fromtimestamp(now).strftime("%Y-%m-%d %H:%M:%S")
+    click.echo(f"ingest status  {stamp}  database {state['database']}")
+    click.echo(f"verdict      {state['verdict'].upper()}")
+    _show_problems(state)
+    _show_supervisor(state["supervisor"])
+    _show_leases(state["leases"])
+    _show_tokens(state["tokens"], now)
+    _show_deals(state["deals"])
+    _show_progress(state["progress"], now)
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable: verdict, problems and everything shown.")
+@click.option("--stall-minutes", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="A worker holding its lease without committing for this long is stalled.")
+@click.option("--supervisor-conf", metavar="PATH",
+              help="supervisord config (else $INGEST_SUPERVISOR_CONF, ./supervisor.d/supervisord.conf).")
+@click.pass_obj
+def status(app, as_json, stall_minutes, supervisor_conf):
+    """One screen: supervisord's programs, leases, tokens, deals, progress, and a verdict.
+
+    Exit status: 0 healthy, 1 degraded, 2 down."""
+    from . import echo_json
+
+    state = gather(app, stall_minutes=stall_minutes, supervisor_conf=supervisor_conf)
+    if as_json:
+        echo_json(state)
+    else:
+        show(state)
+    sys.exit(EXIT_BY_VERDICT[state["verdict"]])
+
+
+commands = [status]
