@@ -131,7 +131,7 @@ def parse_selection(sel) -> DealQuery:
 
 # -- deal objects --------------------------------------------------------------------------
 
-@lru_cache(maxsize=50_000)
+@lru_cache(maxsize=10_000)  # ~11 KB a deal: bounded memory
 def deal_object(cat: Catalogue, index: int, updates: int) -> dict:
     """The deal as Keepa shows it after the product's `updates`-th deal update."""
     p = cat.profile(index)

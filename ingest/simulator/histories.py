@@ -62,7 +62,7 @@ class _Builder:
         series += (max(t, series[-3] + 1), price, ship)
 
 
-@lru_cache(maxsize=2048)
+@lru_cache(maxsize=512)  # ~50 KB a product: bounded memory
 def _base_history(cat: Catalogue, index: int) -> tuple:
     p = cat.profile(index)
     b = _Builder(p)

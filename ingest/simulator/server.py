@@ -9,6 +9,7 @@ stop() never hangs on a sleeping handler.
 import gzip
 import json
 import logging
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -26,11 +27,20 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True
 
+    def handle_error(self, request, client_address):
+        # A client that hung up (timeouts, chaos kills) is normal here: one debug line.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("connection from %s ended abruptly", client_address[0])
+        else:
+            log.exception("simulator error while serving %s", client_address[0])
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "KeepaSim/1.0"
     timeout = 60  # idle keep-alive connections are closed after this
+    disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms stall
+    wbufsize = 1 << 16  # ...and are buffered into one write where they fit (flushed per request)
 
     def do_GET(self):
         self._serve("GET")
@@ -46,7 +56,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(length) if length else b""
         url = urlsplit(self.path)
-        reply = sim.app.handle(method, url.path, url.query, body, self.headers.get("Content-Type", ""))
+        try:
+            reply = sim.app.handle(method, url.path, url.query, body, self.headers.get("Content-Type", ""))
+        except Exception:  # a simulator bug: say so like Keepa would, and keep serving
+            log.exception("simulator error on %s", redact(self.path))
+            reply = Reply(500, {"error": {"type": "internalServerError", "message": "simulator error",
+                                          "details": None}})
         if reply.delay_s and sim.stop_event.wait(reply.delay_s):
             self.close_connection = True
             return  # shutting down: drop the held answer
@@ -67,6 +82,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+            self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up (e.g. the timeout fault)
 
