@@ -125,9 +125,10 @@ def render(report: dict) -> list[str]:
     in_window = [s for s in sales if s["in_window"]]
     lines.append(f"2. sales inferred: {len(sales)} ({len(in_window)} in the window"
                  f" {steps['result']['window_start'][:10]} .. {steps['result']['window_end'][:10]})")
-    for s in sales:
-        mark = " " if s["in_window"] else "x"
-        lines.append(f"   {mark} {s['time'][:16]}  {_money(s['price_cents']):>9}  confirmed {s['confirmed_at'][:16]}")
+    for s in in_window:
+        lines.append(f"   {s['time'][:16]}  {_money(s['price_cents']):>9}  (rank improved {s['confirmed_at'][:16]})")
+    if len(sales) > len(in_window):
+        lines.append(f"   ({len(sales) - len(in_window)} earlier sale(s) outside the window: --json lists them)")
     if steps["unconfirmed_drops"]:
         lines.append(f"   {len(steps['unconfirmed_drops'])} used-count drop(s) without a rank improvement: not sales")
     lines.append(f"3. outliers removed: {', '.join(map(_money, steps['outliers_removed'])) or 'none'}")
@@ -135,8 +136,10 @@ def render(report: dict) -> list[str]:
     lines.append(f"4. 1yr average: {_money(r['value_cents'])} ({r['reason']}, median of {r['sales']} sale(s))"
                  + (f"; missing: {', '.join(r['missing'])}" if r["missing"] else ""))
     e = steps["evaluation"]
+    share = 100 - e["min_discount_pct"]
+    limit = f" = {_money(int(r['value_cents'] * share / 100))}" if r["value_cents"] is not None else ""
     lines.append(f"5. decision: {e['status']} ({e['reason']}); used now {_money(e['current_used_cents'])},"
-                 f" needs <= {100 - e['min_discount_pct']:g}% of the average; sales rank {e['sales_rank'] or '-'}")
+                 f" accepted at <= {share:g}% of the average{limit}; sales rank {e['sales_rank'] or '-'}")
     comparison = report["comparison"]
     if comparison and not comparison["matches"]:
         lines.append("   differs from the stored outcome "

@@ -93,7 +93,7 @@ def rejections(conn, now: float, window_s: float, limit: int = 20) -> dict:
         "SELECT d.at, d.worker, d.asin, d.outcome, d.reason, d.one_year_avg_cents, x.used_price_cents, x.title"
         " FROM decisions d LEFT JOIN deals x USING (asin)"
         " WHERE d.outcome IN ('rejected', 'incomplete') AND d.at >= ? AND d.at <= ?"
-        " ORDER BY d.id DESC LIMIT ?",
+        " ORDER BY d.at DESC, d.id DESC LIMIT ?",
         (since, now, limit),
     ).fetchall()
     rejected = _by_reason(conn, "rejected", since, now)
