@@ -132,3 +132,13 @@ def test_stats_are_per_csv_type(cat):
         assert len(stats[name]) == CSV_SLOTS
     assert stats["current"][SALES] == product["csv"][SALES][-1]
     assert stats["min"][SALES] is None or len(stats["min"][SALES]) == 2
+
+
+def test_keepa_time_epoch_is_2011_01_01_utc():
+    from datetime import datetime, timezone
+
+    from ingest.simulator import unix_seconds
+
+    assert unix_seconds(0) == datetime(2011, 1, 1, tzinfo=timezone.utc).timestamp()
+    assert keepa_minute(datetime(2024, 1, 1, tzinfo=timezone.utc).timestamp()) == 6_837_120
+    assert keepa_minute(unix_seconds(7_000_000)) == 7_000_000
