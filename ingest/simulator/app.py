@@ -9,7 +9,7 @@ below, or in a forced window; cost 0) -> injected request fault -> the call, cha
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from .catalogue import Catalogue
@@ -31,7 +31,6 @@ class Reply:
     payload: dict
     delay_s: float = 0.0
     truncate: bool = False  # the malformed-JSON fault
-    headers: dict = field(default_factory=dict)
 
 
 class BadRequest(Exception):
