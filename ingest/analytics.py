@@ -16,12 +16,26 @@ The rules, in the order they are applied, are in docs/analytics.md; the short ve
 - Only what was recorded at or before `now` is used (replaying an old `now` sees no future).
 """
 
+import math
+from bisect import bisect_left
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from .config import section
 from .errors import ConfigError
-from .history import COUNT_USED, EMPTY, MAX_MINUTE, NEW, SALES, USED, USED_TRIPLETS, Series, parse_slot, step_down_times, steps_down
+from .history import (
+    COUNT_USED,
+    EMPTY,
+    MAX_MINUTE,
+    NEW,
+    SALES,
+    USED,
+    USED_TRIPLETS,
+    Series,
+    parse_slot,
+    step_down_times,
+    steps_down,
+)
 from .keepatime import MINUTES_PER_DAY, datetime_to_keepa_minutes, keepa_minutes_to_datetime
 
 REASONS = ("ok", "no_history", "too_new", "no_sales")
@@ -40,6 +54,8 @@ class AnalyticsParams:
     max_sales_rank: int | None = None  # reject slower sellers than this (None = no limit)
 
     def __post_init__(self):
+        if not all(math.isfinite(getattr(self, name)) for name in _FLOAT_SETTINGS):
+            raise ConfigError("[analytics] confirm_window_hours, outlier_factor, min_discount_pct must be finite")
         if self.confirm_window_hours < 0 or self.window_days <= 0 or self.min_tracked_days < 0:
             raise ConfigError("[analytics] confirm_window_hours, min_tracked_days must be >= 0, window_days > 0")
         if self.outlier_factor != 0 and self.outlier_factor < 1:
@@ -117,6 +133,9 @@ class _History:
     new: Series = EMPTY  # slot 1, only loaded for a deal evaluation
 
     def used_price_before(self, minute: int) -> int | None:
+        if len(self.used_prices) == 1:  # the usual case (slot 2): one bisect
+            v = self.used_prices[0].value_before(minute)
+            return v if v > 0 else None
         prices = [v for s in self.used_prices if (v := s.value_before(minute)) > 0]
         return min(prices) if prices else None
 
@@ -157,21 +176,30 @@ def _load(product: dict, now: datetime, with_new: bool = False) -> _History:
     )
 
 
-def _infer(history: _History, since: int, params: AnalyticsParams) -> list[Sale]:
-    """Confirmed count drops with their prices, drops in [since, now]."""
+def _infer(history: _History, since: int, params: AnalyticsParams) -> list[tuple[int, int | None, int]]:
+    """(drop minute, price or None, confirming minute) for confirmed drops in [since, now]."""
     window = int(params.confirm_window_hours * 60)
     drops = step_down_times(history.count_used, since, history.now, floor=0)
     if not drops:
         return []
     improvements = step_down_times(history.rank, drops[0], history.now, floor=1)
-    sales: list[Sale] = []
+    price_before = history.used_price_before
+    if len(history.used_prices) == 1:  # the usual case (slot 2): inline the lookup
+        price_times, price_values = history.used_prices[0].times, history.used_prices[0].values
+
+        def price_before(minute: int) -> int | None:
+            i = bisect_left(price_times, minute)
+            return price_values[i - 1] if i and price_values[i - 1] > 0 else None
+
+    sales = []
     j, n = 0, len(improvements)
     for minute in drops:
         # Greedy in time order: the earliest unused improvement at or after the drop.
-        while j < n and improvements[j] < minute:
-            j += 1
-        if j < n and improvements[j] <= minute + window:
-            sales.append(Sale(minute, history.used_price_before(minute), improvements[j]))
+        j = bisect_left(improvements, minute, j)
+        if j == n:
+            break
+        if improvements[j] <= minute + window:
+            sales.append((minute, price_before(minute), improvements[j]))
             j += 1
     return sales
 
@@ -180,7 +208,7 @@ def infer_sales(product: dict, now: datetime, params: AnalyticsParams = DEFAULT_
     """Every inferred sale recorded up to `now` (from `since` when given), oldest first."""
     history = _load(product, now)
     start = datetime_to_keepa_minutes(since) if since is not None else -(2**62)
-    return _infer(history, start, params)
+    return [Sale(*sale) for sale in _infer(history, start, params)]
 
 
 def _median(sorted_prices: list[int]) -> int:
@@ -225,7 +253,7 @@ def _average(history: _History, params: AnalyticsParams) -> OneYearAverage:
         return OneYearAverage(None, "no_history", 0, missing=missing, **base)
     # A drop exactly window_days ago is outside: the window is (now - window_days, now].
     sales = _infer(history, start_minute + 1, params)
-    priced = sorted(s.price_cents for s in sales if s.price_cents is not None)
+    priced = sorted(price for _, price, _ in sales if price is not None)
     if sales and not priced:
         # Sales happened but no used price was ever recorded before them: a hole in the data.
         return OneYearAverage(None, "no_history", 0, missing=("used",), **base)
@@ -280,7 +308,7 @@ def explain(product: dict, now: datetime, params: AnalyticsParams = DEFAULT_PARA
     average = _average(history, params)
     evaluation = _decide(history, average, params)
     window_start = history.now - params.window_days * MINUTES_PER_DAY
-    sales = _infer(history, -(2**62), params) if history.csv_present else []
+    sales = [Sale(*sale) for sale in _infer(history, -(2**62), params)] if history.csv_present else []
     confirmed = {s.minute for s in sales}
     drops = steps_down(history.count_used, window_start + 1, history.now, floor=0)
     return {

@@ -7,16 +7,18 @@ for the shipping types. Parsing makes three promises the analytics rely on:
   newer reading);
 - a triplet becomes one value, price + shipping (a negative shipping counts as free; a missing
   price stays "no data");
-- "no data" points (-1, or any negative) are KEPT as -1: they break the chain, so a step to or
-  from them is never read as a change (see `steps_down`).
+- "no data" points (-1, or any negative value) are KEPT: they break the chain, so a step to or
+  from them is never read as a change (see `steps_down`), and a price in force is only a price
+  when it is positive;
+- times outside Keepa's range (negative, or past MAX_MINUTE) are dropped.
 Malformed contents (not a list, non-integer entries, a trailing partial point) never raise: the
 bad points are skipped. Only whole integers count; Keepa sends nothing else.
 """
 
-from array import array
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
-from operator import lt
+from itertools import compress, repeat
+from operator import and_, le, lt
 
 # csv slot indices (../shared/keepa-api.md)
 AMAZON, NEW, USED, SALES, COUNT_USED = 0, 1, 2, 3, 12
@@ -32,14 +34,15 @@ class Series:
     `times[i]` until the next point. A negative value means "no data / no offer"."""
 
     times: list[int]
-    values: list[int]
+    values: list[int]  # negative = no data
 
     def __len__(self) -> int:
         return len(self.times)
 
     def has_data(self) -> bool:
         """At least one real value (not only -1 points)."""
-        return bool(self.values) and max(self.values) >= 0
+        values = self.values
+        return bool(values) and (values[-1] >= 0 or values[0] >= 0 or max(values) >= 0)
 
     def until(self, minute: int) -> "Series":
         """The points recorded at or before `minute` (what was known then: no look-ahead)."""
@@ -73,17 +76,17 @@ def parse_slot(raw, triplet: bool = False) -> Series:
     if not isinstance(raw, list) or not raw:
         return EMPTY
     stride = 3 if triplet else 2
-    if len(raw) % stride or not _all_int64(raw):
+    if len(raw) % stride or not _all_ints(raw):
         raw = _clean_points(raw, stride)
     times = raw[0::stride]
     values = raw[1::stride]
     if triplet:
         values = [_landed(p, s) for p, s in zip(values, raw[2::3])]
-    values = [v if v >= 0 else NO_DATA for v in values] if values and min(values) < NO_DATA else values
-    if times and (min(times) < 0 or max(times) > MAX_MINUTE):
-        times, values = _in_range(times, values)
+    # Keepa sends sorted, distinct times: check that cheaply (C-level compare), fix it if not.
     if not all(map(lt, times, times[1:])):
         times, values = _sorted_unique(times, values)
+    if times and (times[0] < 0 or times[-1] > MAX_MINUTE):
+        times, values = _in_range(times, values)
     return Series(times, values)
 
 
@@ -98,20 +101,27 @@ def steps_down(series: Series, start: int, end: int, floor: int) -> list[tuple[i
 
 
 def step_down_times(series: Series, start: int, end: int, floor: int) -> list[int]:
-    """Just the times of `steps_down` (the hot path: no tuples)."""
-    lo = max(bisect_left(series.times, start), 1)
-    hi = bisect_right(series.times, end)
+    """Just the times of `steps_down` (the hot path: C-level when the range has no -1)."""
     t, v = series.times, series.values
-    return [t[i] for i in range(lo, hi) if floor <= v[i] < v[i - 1]]
+    lo = max(bisect_left(t, start), 1)
+    hi = bisect_right(t, end)
+    if lo >= hi:
+        return []
+    after = v[lo:hi]
+    fell = map(lt, after, v[lo - 1 : hi - 1])
+    if min(after) >= floor:  # no "no data" point in range: every fall is a real step
+        return list(compress(t[lo:hi], fell))
+    # A fall onto a no-data point is no step (a step from one is a rise, never a fall).
+    return list(compress(t[lo:hi], map(and_, fell, map(le, repeat(floor), after))))
 
 
-def _all_int64(raw: list) -> bool:
-    # array() validates every entry in C: ints only (floats, None, str, lists rejected), 64-bit.
+def _all_ints(raw: list) -> bool:
+    # sum() runs in C and is the cheapest full scan: None, str, lists raise TypeError, and any
+    # float turns the total into a float. (bool is an int; JSON has no other int subclass.)
     try:
-        array("q", raw)
-    except (TypeError, OverflowError):
+        return type(sum(raw)) is int
+    except TypeError:
         return False
-    return True
 
 
 def _clean_points(raw: list, stride: int) -> list:

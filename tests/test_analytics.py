@@ -326,6 +326,8 @@ def test_params_from_config():
         ({"outlier_factor": 0.5}, "outlier_factor"),
         ({"min_discount_pct": 100}, "min_discount_pct"),
         ({"window_days": 0}, "window_days"),
+        ({"confirm_window_hours": float("nan")}, "finite"),
+        ({"outlier_factor": float("inf")}, "finite"),
     ],
 )
 def test_bad_config_is_one_clear_line(table, message):
