@@ -94,10 +94,21 @@ def _from_events(events):
     return {2: [x for p in used for x in p], 3: [x for p in rank for x in p], 12: [x for p in count for x in p]}
 
 
-event_csv = st.lists(
+def _as_triplets(slots, shipping):
+    """The same history with the used price in a used shipping triplet slot instead of slot 2."""
+    pairs = slots.pop(2)
+    slots[21] = [x for i in range(0, len(pairs), 2) for x in (pairs[i], pairs[i + 1], shipping)]
+    return slots
+
+
+event_slots = st.lists(
     st.tuples(st.sampled_from(["sale", "sale", "late_sale", "list", "withdraw", "gap", "price"]), st.integers(1, 5000)),
     max_size=40,
-).map(_from_events).map(lambda slots: [slots.get(i) for i in range(36)])
+).map(_from_events)
+event_csv = st.one_of(
+    event_slots,
+    st.builds(_as_triplets, event_slots, st.integers(-1, 600)),
+).map(lambda slots: [slots.get(i) for i in range(36)])
 
 products = st.one_of(
     st.fixed_dictionaries({"asin": st.just("B0EVENTS"), "csv": event_csv, "trackingSince": st.just(N - 400 * DAY)}),
