@@ -369,6 +369,10 @@ def test_views_answer_from_constructed_rows(db_path):
     lease = dict(c.execute("SELECT * FROM lease_health").fetchone())
     assert (lease["state"], lease["fence"], lease["acquisitions_last_hour"]) == ("expired", 3, 1)
     assert 99 <= lease["heartbeat_age_s"] <= 110
+    c.execute("INSERT INTO leases (name, fence, ttl_s, acquired_at, renewed_at) VALUES ('upsert', 2, 30.0, ?, ?)",
+              (now - 900, now - 800))  # released: the old times stay in the row
+    free = dict(c.execute("SELECT * FROM lease_health WHERE name = 'upsert'").fetchone())
+    assert (free["state"], free["holder"], free["heartbeat_age_s"], free["held_for_s"]) == ("free", None, None, None)
     flow = [dict(r) for r in c.execute("SELECT * FROM token_flow_hourly")]
     assert sum(r["calls"] for r in flow) == 3 and sum(r["tokens_spent"] for r in flow) == 5
     assert sum(r["rate_limited"] for r in flow) == 1 and sum(r["errors"] for r in flow) == 1
