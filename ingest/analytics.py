@@ -119,6 +119,24 @@ class DealEvaluation:
     current_new_cents: int | None
     sales_rank: int | None
 
+    def as_dict(self) -> dict:
+        """JSON-able: the average (value, reason, sales) and the decision (status, status_reason)."""
+        avg = self.average
+        return {
+            "value": avg.value_cents,
+            "reason": avg.reason,
+            "sales": avg.sales,
+            "status": self.status,
+            "status_reason": self.reason,
+            "current_used": self.current_used_cents,
+            "current_new": self.current_new_cents,
+            "sales_rank": self.sales_rank,
+            "outliers": list(avg.outliers),
+            "missing": list(avg.missing),
+            "window_start": avg.window_start.isoformat(),
+            "window_end": avg.window_end.isoformat(),
+        }
+
 
 @dataclass
 class _History:

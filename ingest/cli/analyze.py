@@ -68,23 +68,7 @@ def parse_now(ctx, param, value: str | None) -> datetime | None:
 
 
 def summary(product: dict, now: datetime, params: AnalyticsParams) -> dict:
-    deal = evaluate_deal(product, now, params)
-    avg = deal.average
-    return {
-        "asin": product.get("asin"),
-        "value": avg.value_cents,
-        "reason": avg.reason,
-        "sales": avg.sales,
-        "status": deal.status,
-        "status_reason": deal.reason,
-        "current_used": deal.current_used_cents,
-        "current_new": deal.current_new_cents,
-        "sales_rank": deal.sales_rank,
-        "outliers": list(avg.outliers),
-        "missing": list(avg.missing),
-        "window_start": avg.window_start.isoformat(),
-        "window_end": avg.window_end.isoformat(),
-    }
+    return {"asin": product.get("asin"), **evaluate_deal(product, now, params).as_dict()}
 
 
 def _money(cents: int | None) -> str:
