@@ -1,7 +1,7 @@
 """Parsing of Keepa csv slots into clean time series.
 
 A slot is a flat list `[t0, v0, t1, v1, ...]` (Keepa minutes, value), or `[t, price, shipping, ...]`
-for the shipping types. Parsing makes three promises the analytics rely on:
+for the shipping types. Parsing makes these promises the analytics rely on:
 - times are strictly increasing: unsorted input is sorted (stable), and for a duplicated
   timestamp the point that came last in the input wins (Keepa appends; the later write is the
   newer reading);
