@@ -26,13 +26,17 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * UNITS[match.group(2)]
 
 
-def _by_reason(conn, outcome: str, since: float, until: float) -> dict[str, int]:
+def _by_outcome(conn, since: float, until: float) -> dict[str, dict[str, int]]:
+    """outcome -> {reason: decisions} in [since, until], most frequent reason first (one pass)."""
+    out: dict[str, dict[str, int]] = {"accepted": {}, "rejected": {}, "incomplete": {}, "removed": {}}
     rows = conn.execute(
-        "SELECT reason, count(*) AS n FROM decisions WHERE outcome = ? AND at >= ? AND at <= ?"
-        " GROUP BY reason ORDER BY n DESC, reason",
-        (outcome, since, until),
+        "SELECT outcome, reason, count(*) AS n FROM decisions WHERE at >= ? AND at <= ?"
+        " GROUP BY outcome, reason ORDER BY n DESC, reason",
+        (since, until),
     )
-    return {r[0]: r[1] for r in rows}
+    for outcome, reason, n in rows:
+        out.setdefault(outcome, {})[reason] = n
+    return out
 
 
 def _pct(part: int, whole: int) -> float | None:
@@ -46,15 +50,14 @@ def deal_stats(conn, now: float, window_s: float) -> dict:
     seen = conn.execute("SELECT count(*), sum(first_seen >= ?) FROM deals WHERE last_seen >= ?",
                         (since, since)).fetchone()
     evaluated = conn.execute(
-        "SELECT count(*), count(DISTINCT asin) FROM decisions WHERE outcome != 'removed' AND at >= ? AND at <= ?",
+        "SELECT count(DISTINCT asin) FROM decisions WHERE outcome != 'removed' AND at >= ? AND at <= ?",
         (since, now),
-    ).fetchone()
-    accepted = conn.execute("SELECT count(*) FROM decisions WHERE outcome = 'accepted' AND at >= ? AND at <= ?",
-                            (since, now)).fetchone()[0]
-    rejected = _by_reason(conn, "rejected", since, now)
-    incomplete = _by_reason(conn, "incomplete", since, now)
-    removed = _by_reason(conn, "removed", since, now)
+    ).fetchone()[0]
+    outcomes = _by_outcome(conn, since, now)
+    accepted = sum(outcomes["accepted"].values())
+    rejected, incomplete, removed = outcomes["rejected"], outcomes["incomplete"], outcomes["removed"]
     n_rej, n_inc = sum(rejected.values()), sum(incomplete.values())
+    evaluations = accepted + n_rej + n_inc
     current: dict[str, dict[str, int]] = {"accepted": {}, "rejected": {}, "incomplete": {}}
     for status, reason, n in conn.execute("SELECT status, reason, count(*) FROM deals GROUP BY status, reason"):
         current.setdefault(status, {})[reason] = n
@@ -64,8 +67,8 @@ def deal_stats(conn, now: float, window_s: float) -> dict:
         "window_s": window_s,
         "seen": seen[0],
         "new": seen[1] or 0,
-        "evaluations": evaluated[0],
-        "evaluated": evaluated[1],
+        "evaluations": evaluations,
+        "evaluated": evaluated,
         "accepted": accepted,
         "rejected": n_rej,
         "rejected_by_reason": rejected,
@@ -74,10 +77,10 @@ def deal_stats(conn, now: float, window_s: float) -> dict:
         "removed": sum(removed.values()),
         "removed_by_reason": removed,
         "accepted_pct_of_complete": _pct(accepted, accepted + n_rej),
-        "incomplete_pct_of_evaluations": _pct(n_inc, evaluated[0]),
+        "incomplete_pct_of_evaluations": _pct(n_inc, evaluations),
         "per_hour": {
             "seen": round(seen[0] / hours, 1),
-            "evaluations": round(evaluated[0] / hours, 1),
+            "evaluations": round(evaluations / hours, 1),
             "accepted": round(accepted / hours, 1),
             "rejected": round(n_rej / hours, 1),
             "incomplete": round(n_inc / hours, 1),
@@ -96,8 +99,8 @@ def rejections(conn, now: float, window_s: float, limit: int = 20) -> dict:
         " ORDER BY d.at DESC, d.id DESC LIMIT ?",
         (since, now, limit),
     ).fetchall()
-    rejected = _by_reason(conn, "rejected", since, now)
-    incomplete = _by_reason(conn, "incomplete", since, now)
+    outcomes = _by_outcome(conn, since, now)
+    rejected, incomplete = outcomes["rejected"], outcomes["incomplete"]
     return {
         "since": since,
         "until": now,

@@ -246,15 +246,15 @@ def check_last_fetch(ctx: Context) -> Check:
     not between backfill passes) but has fetched nothing for stall_s is failing to fetch, even if
     it still commits (incomplete outcomes, touched deals)."""
     leases = _safe_leases(ctx)
-    calls = {r[0]: (r[1], r[2]) for r in ctx.conn.execute(
-        "SELECT worker, max(at), (SELECT status FROM keepa_calls k2 WHERE k2.worker = k.worker ORDER BY id DESC LIMIT 1)"
-        " FROM keepa_calls k GROUP BY worker")}
     data, warns = {}, []
     for worker in ctx.workers:
         row = ctx.progress(worker) or {}
         lease = leases.get(worker)
         held = bool(lease and lease["state"] == "held")
-        last_call, last_status = calls.get(worker, (None, None))
+        # newest first by rowid: stops at the worker's latest call (no index on worker needed)
+        call = ctx.conn.execute("SELECT at, status FROM keepa_calls WHERE worker = ? ORDER BY id DESC LIMIT 1",
+                                (worker,)).fetchone()
+        last_call, last_status = (call[0], call[1]) if call else (None, None)
         success_age = _age(ctx.now, row.get("last_success_at"))
         data[worker] = {"last_success_age": success_age, "last_call_age": _age(ctx.now, last_call),
                         "last_call_status": last_status}
