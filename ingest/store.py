@@ -40,6 +40,8 @@ def _ensure_private_file(path: Path) -> None:
     if not folder.exists():
         try:
             folder.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            pass  # another process or thread created it between our check and mkdir
         except OSError as e:
             raise StoreError(f"cannot create database folder {folder}: {e.strerror}") from None
     if not path.exists():
