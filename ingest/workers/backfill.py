@@ -140,7 +140,10 @@ class BackfillWorker(Worker):
                                         detail=self._detail(cursor), counters=counters)
 
     def pass_done(self) -> bool:
-        return self._passes_finished > 0
+        """--once stops after the pass in progress, or at once when between passes."""
+        cursor = getattr(self, "_cursor", None) or {}
+        between_passes = bool(cursor.get("next_pass_at")) and self.clock.wall() < cursor["next_pass_at"]
+        return self._passes_finished > 0 or between_passes
 
     def idle_wait_s(self) -> float:
         cursor = getattr(self, "_cursor", None) or {}

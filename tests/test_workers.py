@@ -1,0 +1,171 @@
+"""Workers end to end against the simulator on loopback: real processes, real SQLite."""
+
+import random
+import signal
+import time
+
+import pytest
+
+from ingest.simulator import SimConfig, Simulator
+
+from .workers_support import (TEST_KEY, checkpoint, query, run_worker, scalar, start_worker, stop,
+                              wait_for, worker_env, write_config)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def sim():
+    simulator = Simulator(SimConfig(port=0, refill_rate=6000, seed=7, products=1200))
+    simulator.start()
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture
+def env(sim, tmp_path, db_path):
+    return worker_env(sim.url, db_path, write_config(tmp_path))
+
+
+def listed_asins(sim) -> set[str]:
+    return set(sim.stats()["listed_asins"])
+
+
+def test_full_backfill_pass_stores_every_listed_deal_once(sim, env, db_path):
+    result = run_worker("backfill", env, "--once")
+    assert result.returncode == 0, result.stderr[-2000:]
+    listed = listed_asins(sim)
+    assert len(listed) > 150, "the query should span several pages"
+    stored = {a for (a,) in query(db_path, "SELECT asin FROM deals")}
+    assert stored == listed
+    # every deal has an outcome with a reason, decided exactly once in this pass
+    assert scalar(db_path, "SELECT count(*) FROM deals WHERE reason IS NULL OR reason = ''") == 0
+    assert scalar(db_path, "SELECT count(*) FROM decisions") == len(listed)
+    assert scalar(db_path, "SELECT count(DISTINCT status) FROM deals") >= 2
+    cursor = checkpoint(db_path, "backfill")
+    assert cursor["last_complete_pass_started_at"] is not None and cursor["pending"] is None
+    # the lease was released on exit
+    assert scalar(db_path, "SELECT holder_pid FROM leases WHERE name = 'backfill'") is None
+    # histories are stored, so recompute costs nothing
+    assert scalar(db_path, "SELECT count(*) FROM product_history") >= scalar(
+        db_path, "SELECT count(*) FROM deals WHERE status != 'incomplete'")
+
+
+def test_kill_9_at_random_points_loses_and_repeats_nothing(sim, env, db_path):
+    rng = random.Random(3)
+    for _ in range(5):
+        proc = start_worker("backfill", env, "--once")
+        time.sleep(rng.uniform(0.3, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    result = run_worker("backfill", env, "--once")
+    assert result.returncode == 0, result.stderr[-2000:]
+    listed = listed_asins(sim)
+    stored = [a for (a,) in query(db_path, "SELECT asin FROM deals")]
+    assert set(stored) == listed
+    # nothing decided twice: a killed batch committed nothing, a resumed one did not redo work
+    dupes = query(db_path, "SELECT asin, count(*) FROM decisions GROUP BY asin HAVING count(*) > 1")
+    assert dupes == []
+    # fences of the backfill lease never go down along the commit order: no overlapping epochs
+    fences = [f for (f,) in query(db_path, "SELECT fence FROM fenced_commits WHERE lease = 'backfill' ORDER BY id")]
+    assert fences == sorted(fences)
+
+
+def test_sigterm_releases_the_lease_and_exits_zero(sim, env, db_path):
+    proc = start_worker("backfill", env)
+    wait_for(lambda: scalar(db_path, "SELECT count(*) FROM deals") if db_path.exists() else 0, 30,
+             what="first deals")
+    started = time.monotonic()
+    assert stop(proc) == 0
+    assert time.monotonic() - started < 10
+    assert scalar(db_path, "SELECT holder_pid FROM leases WHERE name = 'backfill'") is None
+    events = [e for (e,) in query(db_path, "SELECT event FROM lease_events WHERE name = 'backfill' ORDER BY id")]
+    assert events[-1] == "released"
+
+
+def test_both_workers_share_tokens_without_429(tmp_path, db_path):
+    simulator = Simulator(SimConfig(port=0, refill_rate=600, start_tokens=100, seed=11, products=800))
+    simulator.start()
+    try:
+        env = worker_env(simulator.url, db_path, write_config(tmp_path))
+        backfill = start_worker("backfill", env)
+        upsert = start_worker("upsert", env)
+        time.sleep(12)
+        assert stop(backfill) == 0 and stop(upsert) == 0
+        stats = simulator.stats()
+    finally:
+        simulator.stop()
+    spent = dict(query(db_path, "SELECT worker, tokens_spent FROM worker_progress"))
+    assert stats["responses_429"] == 0, (stats, spent)
+    assert spent.get("backfill", 0) > 0 and spent.get("upsert", 0) > 0, spent
+
+
+def test_incomplete_product_is_retried_and_then_accepted_or_rejected(sim, env, db_path):
+    sim.set_faults(fault_no_history=1.0)
+    assert run_worker("backfill", env, "--once").returncode == 0
+    incomplete = scalar(db_path, "SELECT count(*) FROM deals WHERE status = 'incomplete'")
+    total = scalar(db_path, "SELECT count(*) FROM deals")
+    assert incomplete == total > 0
+    assert scalar(db_path, "SELECT count(*) FROM decisions WHERE outcome = 'rejected'") == 0
+    sim.set_faults(fault_no_history=0.0)
+    upsert = start_worker("upsert", env)
+    try:
+        wait_for(lambda: scalar(db_path, "SELECT count(*) FROM deals WHERE status = 'incomplete'") == 0, 60,
+                 interval=0.5, what="incomplete deals to be refetched")
+    finally:
+        stop(upsert)
+    # each deal was decided incomplete first, then got a real outcome from a refetch
+    assert scalar(db_path, "SELECT count(DISTINCT asin) FROM decisions WHERE outcome = 'incomplete'") == total
+    assert scalar(db_path, "SELECT count(*) FROM deals WHERE fetch_attempts != 0") == 0
+
+
+def test_429_storm_pauses_and_resumes_without_losing_deals(tmp_path, db_path):
+    simulator = Simulator(SimConfig(port=0, refill_rate=6000, seed=7, products=1200, force_429=(0.0, 4.0)))
+    simulator.start()
+    try:
+        env = worker_env(simulator.url, db_path, write_config(tmp_path))
+        result = run_worker("backfill", env, "--once", timeout=90)
+        stats = simulator.stats()
+    finally:
+        simulator.stop()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert stats["responses_429"] >= 1
+    stored = {a for (a,) in query(db_path, "SELECT asin FROM deals")}
+    assert stored == set(stats["listed_asins"])
+
+
+def test_lost_lease_stops_the_worker_with_exit_5(sim, env, db_path):
+    from ingest.cli import main  # noqa: F401  (imports the lease admin commands)
+    import subprocess
+
+    from .workers_support import INGEST
+
+    proc = start_worker("backfill", env)
+    wait_for(lambda: scalar(db_path, "SELECT holder_pid FROM leases WHERE name = 'backfill'") if db_path.exists() else None,
+             30, what="backfill to hold its lease")
+    subprocess.run([INGEST, "leases", "release", "backfill", "--force"], env=env, check=True, capture_output=True)
+    # a contender takes it at once (the row is free)
+    contender = start_worker("backfill", env)
+    try:
+        assert proc.wait(20) == 5
+    finally:
+        stop(contender)
+        stop(proc)
+
+
+def test_bad_query_is_a_config_error_before_any_token(sim, env, tmp_path, db_path):
+    bad = tmp_path / "q.json"
+    bad.write_text('{"priceTypes": [1, 2]}')
+    result = run_worker("backfill", env, "--query", str(bad))
+    assert result.returncode == 3
+    assert "priceTypes" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 or "Traceback" not in result.stderr
+    assert sim.stats()["tokens_consumed"] == 0
+
+
+def test_key_never_reaches_the_database(sim, env, db_path):
+    sim.set_faults(fault_500=0.3, fault_malformed=0.2)
+    run_worker("backfill", env, "--once", timeout=90)
+    data = db_path.read_bytes() + (db_path.with_name(db_path.name + "-wal").read_bytes()
+                                   if db_path.with_name(db_path.name + "-wal").exists() else b"")
+    assert TEST_KEY.encode() not in data
