@@ -12,6 +12,7 @@ already charged but not yet settled, that under-counts the balance by its cost u
 the error is always on the side of waiting, never of a 429.
 """
 
+import json
 import math
 import os
 import threading
@@ -24,6 +25,8 @@ from .store import transaction
 from .token_costs import estimate_cost, learn_cost
 
 TICK_S = 60.0
+_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps with options builds one per call
+PURGE_EVERY_S = 5.0
 CAP_MINUTES = 60
 
 
@@ -99,6 +102,11 @@ class Account:
     token_synced_at: float | None
     blocked_until: float | None
     rate_limited: int
+    workers: dict = field(default_factory=dict)  # sharing state: {worker: {spent, at, last, waiting, seen, cost}}
+
+    def __post_init__(self):
+        if isinstance(self.workers, str):  # as stored
+            self.workers = json.loads(self.workers or "{}")
 
     @property
     def cap(self) -> float:
@@ -133,6 +141,7 @@ class Account:
 
 
 def _replace(account: Account, **changes) -> Account:
+    # the workers dict is shared on purpose: one Account's life is one transaction
     return Account(**{**account.__dict__, **changes})
 
 
@@ -165,13 +174,15 @@ class Ledger:
         self.account = account
         self.policy = policy or LedgerPolicy()
         self.clock = clock
+        self._next_purge = float("-inf")
+        self._pid = os.getpid()
 
     # ------------------------------------------------------------------ reading
 
     def load(self) -> Account | None:
         """The row as stored (not projected)."""
-        row = self.conn.execute("SELECT * FROM token_accounts WHERE account = ?", (self.account,)).fetchone()
-        return Account(**dict(row)) if row else None
+        row = self.conn.execute(self._SELECT, (self.account,)).fetchone()
+        return Account(*row) if row else None
 
     def state(self) -> Account | None:
         """The row projected to now."""
@@ -218,10 +229,12 @@ class Ledger:
         now = self.clock.wall()
         if account is None:
             return None
-        self.conn.execute(
-            "DELETE FROM token_reservations WHERE account = ? AND expires_at < ?", (self.account, now)
-        )
-        expired = self.conn.execute("SELECT changes()").fetchone()[0]
+        expired = 0
+        if now >= self._next_purge:  # a crashed holder's reservation: looked for every few seconds
+            self._next_purge = now + PURGE_EVERY_S
+            expired = self.conn.execute(
+                "DELETE FROM token_reservations WHERE account = ? AND expires_at < ?", (self.account, now)
+            ).rowcount
         if expired:  # a crashed holder: assume it was charged (balance unchanged), stop counting it
             total = self.conn.execute(
                 "SELECT coalesce(sum(cost), 0) FROM token_reservations WHERE account = ?", (self.account,)
@@ -256,19 +269,18 @@ class Ledger:
             account = _replace(account, blocked_until=None)
         return account.projected(now)
 
+    _COLUMNS = ("balance", "in_flight", "as_of", "refill_rate", "flow_reduction", "next_tick", "server_ts",
+                "synced_at", "token_synced_at", "blocked_until", "rate_limited", "workers")
+    _SELECT = f"SELECT account, {', '.join(_COLUMNS)} FROM token_accounts WHERE account = ?"
+    _UPDATE = f"UPDATE token_accounts SET {', '.join(c + ' = ?' for c in _COLUMNS)} WHERE account = ?"
+    _INSERT = f"INSERT INTO token_accounts (account, {', '.join(_COLUMNS)}) VALUES (?{', ?' * len(_COLUMNS)})"
+
     def _store(self, a: Account) -> None:
-        self.conn.execute(
-            "INSERT INTO token_accounts (account, balance, in_flight, as_of, refill_rate, flow_reduction,"
-            " next_tick, server_ts, synced_at, token_synced_at, blocked_until, rate_limited)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (account) DO UPDATE SET balance = excluded.balance,"
-            " in_flight = excluded.in_flight, as_of = excluded.as_of, refill_rate = excluded.refill_rate,"
-            " flow_reduction = excluded.flow_reduction, next_tick = excluded.next_tick,"
-            " server_ts = excluded.server_ts, synced_at = excluded.synced_at,"
-            " token_synced_at = excluded.token_synced_at, blocked_until = excluded.blocked_until,"
-            " rate_limited = excluded.rate_limited",
-            (a.account, a.balance, a.in_flight, a.as_of, a.refill_rate, a.flow_reduction, a.next_tick,
-             a.server_ts, a.synced_at, a.token_synced_at, a.blocked_until, a.rate_limited),
-        )
+        # A plain UPDATE of unindexed columns dirties one page (an upsert also touches the key index):
+        # this is the hot path of every reservation.
+        values = [getattr(a, c) for c in self._COLUMNS[:-1]] + [_JSON.encode(a.workers)]
+        if self.conn.execute(self._UPDATE, (*values, a.account)).rowcount == 0:
+            self.conn.execute(self._INSERT, (a.account, *values))
 
     # ------------------------------------------------------------------ reserving
 
@@ -305,17 +317,18 @@ class Ledger:
             refusal = self._refusal(account, cost, worker, now)
             if refusal is not None:
                 if waiting:
-                    self._mark_waiting(worker, cost, now)
+                    self._mark_waiting(account, worker, cost, now)
                 self._store(account)
                 return refusal
-            account = _replace(account, balance=account.balance - cost, in_flight=account.in_flight + cost)
-            self._store(account)
+            account.balance -= cost  # a fresh object from _load_for_update: ours to change
+            account.in_flight += cost
             cursor = self.conn.execute(
                 "INSERT INTO token_reservations (account, worker, kind, cost, created_at, expires_at, pid)"
                 " VALUES (?,?,?,?,?,?,?)",
-                (self.account, worker, kind, cost, now, now + self.policy.reservation_ttl_s, os.getpid()),
+                (self.account, worker, kind, cost, now, now + self.policy.reservation_ttl_s, self._pid),
             )
-            self._record_spend(worker, cost, now, reserved=True)
+            self._record_spend(account, worker, cost, now, reserved=True)
+            self._store(account)
             return Reservation(cursor.lastrowid, self.account, worker, kind, cost, units)
 
     def _refusal(self, account: Account, cost: float, worker: str, now: float) -> Refusal | None:
@@ -327,87 +340,70 @@ class Ledger:
             if wait is None:
                 return Refusal(self.policy.max_wait_s, "unreachable")
             return Refusal(wait + self.policy.tick_margin_s, "tokens")
-        holder = self._held_by(worker, now)
+        holder = self._held_by(account, worker, now)
         if holder is not None:
             return Refusal(self.policy.min_wait_s, f"share:{holder}")
         return None
 
     # ------------------------------------------------------------------ sharing
 
-    def _held_by(self, worker: str, now: float) -> str | None:
+    def _held_by(self, account: Account, worker: str, now: float) -> str | None:
         """Which busy worker should get the tokens before `worker`, if any.
 
         While several workers are busy (waiting, or reserved within busy_window_s), a worker below
         its minimum share of the recent (decayed) spend goes first, then higher priority. An idle
         worker holds nobody back, so its share flows to the others.
         """
-        rows = self.conn.execute(
-            "SELECT worker, spent, spent_at, last_reserved_at, waiting_since, waiting_seen_at"
-            " FROM token_workers WHERE account = ?",
-            (self.account,),
-        ).fetchall()
         busy = {}
-        for r in rows:
-            waiting = r["waiting_since"] is not None and now - (r["waiting_seen_at"] or 0) < self.policy.waiter_stale_s
-            recent = r["last_reserved_at"] is not None and now - r["last_reserved_at"] < self.policy.busy_window_s
-            if r["worker"] == worker or waiting or recent:
-                busy[r["worker"]] = self._decayed(r["spent"], r["spent_at"], now)
+        for name, w in account.workers.items():
+            waiting = w.get("waiting") is not None and now - (w.get("seen") or 0) < self.policy.waiter_stale_s
+            recent = w.get("last") is not None and now - w["last"] < self.policy.busy_window_s
+            if name == worker or waiting or recent:
+                busy[name] = self._decayed(w.get("spent", 0.0), w.get("at", now), now)
         busy.setdefault(worker, 0.0)
         if len(busy) < 2:
             return None
         total = sum(busy.values())
         share = {name: (spent / total if total > 0 else 0.0) for name, spent in busy.items()}
-        mine = self.policy.worker(worker)
-        i_am_owed = share[worker] < mine.min_share
+        policy = self.policy.worker(worker)
+        if share[worker] < policy.min_share:
+            return None  # owed: nobody holds it back
         for other in sorted(busy):
             if other == worker:
                 continue
             theirs = self.policy.worker(other)
-            if share[other] < theirs.min_share and not i_am_owed:
-                return other
-            if theirs.priority > mine.priority and not i_am_owed:
+            if share[other] < theirs.min_share or theirs.priority > policy.priority:
                 return other
         return None
 
     def _decayed(self, spent: float, spent_at: float, now: float) -> float:
         return spent * 0.5 ** (max(now - spent_at, 0.0) / self.policy.share_half_life_s)
 
-    def _record_spend(self, worker: str, amount: float, now: float, *, reserved: bool = False) -> None:
-        row = self.conn.execute(
-            "SELECT spent, spent_at FROM token_workers WHERE account = ? AND worker = ?", (self.account, worker)
-        ).fetchone()
-        spent = max(self._decayed(row[0], row[1], now) + amount, 0.0) if row else max(amount, 0.0)
+    def _record_spend(self, account: Account, worker: str, amount: float, now: float, *, reserved: bool = False) -> None:
+        w = account.workers.setdefault(worker, {"spent": 0.0, "at": now})
+        w["spent"] = max(self._decayed(w.get("spent", 0.0), w.get("at", now), now) + amount, 0.0)
+        w["at"] = now
         if reserved:
-            self.conn.execute(
-                "INSERT INTO token_workers (account, worker, spent, spent_at, last_reserved_at) VALUES (?,?,?,?,?)"
-                " ON CONFLICT (account, worker) DO UPDATE SET spent = excluded.spent, spent_at = excluded.spent_at,"
-                " last_reserved_at = excluded.last_reserved_at, waiting_since = NULL, waiting_seen_at = NULL,"
-                " waiting_cost = NULL",
-                (self.account, worker, spent, now, now),
-            )
-        elif row:
-            self.conn.execute(
-                "UPDATE token_workers SET spent = ?, spent_at = ? WHERE account = ? AND worker = ?",
-                (spent, now, self.account, worker),
-            )
+            w["last"] = now
+            for key in ("waiting", "seen", "cost"):
+                w.pop(key, None)
 
-    def _mark_waiting(self, worker: str, cost: float, now: float) -> None:
-        self.conn.execute(
-            "INSERT INTO token_workers (account, worker, spent, spent_at, waiting_since, waiting_seen_at, waiting_cost)"
-            " VALUES (?, ?, 0, ?, ?, ?, ?) ON CONFLICT (account, worker) DO UPDATE SET"
-            " waiting_since = coalesce(waiting_since, excluded.waiting_since),"
-            " waiting_seen_at = excluded.waiting_seen_at, waiting_cost = excluded.waiting_cost",
-            (self.account, worker, now, now, now, cost),
-        )
+    def _mark_waiting(self, account: Account, worker: str, cost: float, now: float) -> None:
+        w = account.workers.setdefault(worker, {"spent": 0.0, "at": now})
+        w.setdefault("waiting", now)
+        if w["waiting"] is None:
+            w["waiting"] = now
+        w["seen"] = now
+        w["cost"] = cost
 
     def _clear_waiting(self, worker: str) -> None:
         try:
             with transaction(self.conn):
-                self.conn.execute(
-                    "UPDATE token_workers SET waiting_since = NULL, waiting_seen_at = NULL, waiting_cost = NULL"
-                    " WHERE account = ? AND worker = ?",
-                    (self.account, worker),
-                )
+                account = self.load()
+                if account is not None and worker in account.workers:
+                    for key in ("waiting", "seen", "cost"):
+                        account.workers[worker].pop(key, None)
+                    self._store(account)
         except Exception:  # best effort: a stale waiter is ignored after waiter_stale_s anyway
             pass
 
@@ -430,7 +426,7 @@ class Ledger:
                 account = _replace(account, balance=account.balance + reservation.cost - consumed)
             account = self._apply(account, envelope)
             if consumed is not None:
-                self._record_spend(reservation.worker, consumed - reservation.cost, now)
+                self._record_spend(account, reservation.worker, consumed - reservation.cost, now)
                 if reservation.units and envelope.status == 200:
                     learn_cost(self.conn, self.account, reservation.kind, consumed / reservation.units, now)
             self._store(account)
@@ -442,7 +438,7 @@ class Ledger:
         """The call was never made (stopped before sending): give the tokens back."""
         with transaction(self.conn):
             account = self._close(reservation, refund=True)
-            self._record_spend(reservation.worker, -reservation.cost, self.clock.wall())
+            self._record_spend(account, reservation.worker, -reservation.cost, self.clock.wall())
             self._store(account)
 
     def rate_limited(self, reservation: Reservation, envelope, *, call=None) -> Account:
@@ -451,7 +447,7 @@ class Ledger:
         now = self.clock.wall()
         with transaction(self.conn):
             account = self._close(reservation, refund=True)
-            self._record_spend(reservation.worker, -reservation.cost, now)
+            self._record_spend(account, reservation.worker, -reservation.cost, now)
             account = self._apply(account, envelope)
             left = envelope.tokens_left if envelope is not None and envelope.complete else min(account.server_balance, 0)
             rate = account.effective_rate

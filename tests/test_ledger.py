@@ -124,14 +124,14 @@ def test_no_state_is_not_synced(ledger):
 
 
 def test_stop_interrupts_the_wait_and_clears_the_waiter(ledger):
-    ledger.clock = FakeClock(wall=NOW)
     ledger.set_state(balance=0, refill_rate=5, next_tick=NOW + 60)
     stop = threading.Event()
-    stop.set()
+    ledger.clock.sleep = lambda seconds, stop_event=None: stop_event.set() or True  # SIGTERM mid-wait
+    assert isinstance(ledger.try_reserve(5, "backfill", waiting=True), Refusal)
+    assert ledger.load().workers["backfill"]["waiting"] == NOW  # counted as busy while it waits
     with pytest.raises(Stopped):
         ledger.reserve(5, "backfill", stop=stop)
-    row = ledger.conn.execute("SELECT waiting_since FROM token_workers WHERE worker='backfill'").fetchone()
-    assert row["waiting_since"] is None
+    assert ledger.load().workers.get("backfill", {}).get("waiting") is None
 
 
 # ---------------------------------------------------------------- the server is the authority

@@ -13,12 +13,16 @@ CREATE TABLE token_accounts (
     synced_at        REAL,              -- wall time of the last envelope from the server
     token_synced_at  REAL,              -- wall time of the last free /token call (<= ~1/min)
     blocked_until    REAL,              -- after a 429: nobody calls before this
-    rate_limited     INTEGER NOT NULL DEFAULT 0  -- 429s seen, ever
+    rate_limited     INTEGER NOT NULL DEFAULT 0, -- 429s seen, ever
+    -- Sharing state per worker, JSON {worker: {spent, at, last, waiting, seen, cost}}: decayed
+    -- spend, last reservation, waiting since / last seen waiting. Kept in this row (not a table
+    -- of its own) so that a reservation writes one row here and one reservation row: no more.
+    workers          TEXT NOT NULL DEFAULT '{}'
 );
 
 CREATE TABLE token_reservations (
     id          INTEGER PRIMARY KEY,
-    account     TEXT NOT NULL REFERENCES token_accounts (account),
+    account     TEXT NOT NULL,
     worker      TEXT NOT NULL,
     kind        TEXT NOT NULL,
     cost        REAL NOT NULL,
@@ -26,20 +30,8 @@ CREATE TABLE token_reservations (
     expires_at  REAL NOT NULL,          -- a crashed holder's reservation is dropped after this
     pid         INTEGER
 );
-CREATE INDEX token_reservations_expiry ON token_reservations (account, expires_at);
-
--- Sharing state: decayed spend per worker, and whether it is waiting right now.
-CREATE TABLE token_workers (
-    account          TEXT NOT NULL,
-    worker           TEXT NOT NULL,
-    spent            REAL NOT NULL DEFAULT 0,  -- exponentially decayed spend (tokens)
-    spent_at         REAL NOT NULL,            -- when `spent` was last decayed
-    last_reserved_at REAL,
-    waiting_since    REAL,                     -- NULL when not waiting
-    waiting_seen_at  REAL,                     -- heartbeat of a waiter (stale waiters are ignored)
-    waiting_cost     REAL,
-    PRIMARY KEY (account, worker)
-);
+-- No index on expires_at: open reservations are few (settled ones are deleted), and each extra
+-- index is one more page written by every reservation (the hot path).
 
 -- Learned cost per unit (per page, per ASIN) for each kind of call, from tokensConsumed.
 CREATE TABLE token_costs (

@@ -1,0 +1,205 @@
+"""How fast can processes reserve tokens from the shared ledger, and does it ever over-admit?
+
+    .venv/bin/python bench/ledger.py [--tokens 20000] [--procs 1,2,4]
+
+For 1, 2 and 4 processes, each reserving 1 token at a time as fast as it can until the ledger
+refuses (a starting balance of --tokens and no refill during the run), it prints reservations
+per second, p99 and max reserve latency, and over-admission (admitted - balance; must be 0).
+Side by side, in the same run and on the same disk:
+  bare     a one-row BEGIN IMMEDIATE read-and-update loop: the most SQLite allows here
+  pyrate   PyrateLimiter's SQLite bucket in its cross-process mode (use_file_lock=True), from
+           bench/.venv (pip install pyrate-limiter "filelock<4"); skipped with a message if absent
+  naive    the deferred pattern (SELECT, then UPDATE; Python's default transaction handling):
+           it over-admits, which is why tests/test_ledger_contention.py guards against it
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCH_VENV_PYTHON = HERE / ".venv" / "bin" / "python"
+MODES = ["ledger", "bare", "pyrate", "naive"]
+
+
+# ---------------------------------------------------------------- workers (one per process)
+
+def make_attempt(mode: str, db: str, worker: str):
+    """Return a function that tries to take one token: True if admitted."""
+    if mode == "ledger":
+        from ingest.ledger import Ledger, LedgerPolicy, Reservation
+        from ingest.store import connect
+
+        ledger = Ledger(connect(db), "bench", LedgerPolicy())
+        return lambda: isinstance(ledger.try_reserve(1, worker, "deal"), Reservation)
+    if mode == "bare":
+        from ingest.store import connect
+
+        conn = connect(db)
+
+        def bare():
+            conn.execute("BEGIN IMMEDIATE")
+            balance = conn.execute("SELECT balance FROM bucket WHERE id = 1").fetchone()[0]
+            if balance >= 1:
+                conn.execute("UPDATE bucket SET balance = ? WHERE id = 1", (balance - 1,))
+            conn.execute("COMMIT")
+            return balance >= 1
+
+        return bare
+    if mode == "naive":
+        import sqlite3
+
+        conn = sqlite3.connect(db, timeout=30)  # default isolation: the UPDATE opens the transaction
+
+        def naive():
+            balance = conn.execute("SELECT balance FROM bucket WHERE id = 1").fetchone()[0]
+            if balance < 1:
+                return False
+            conn.execute("UPDATE bucket SET balance = ? WHERE id = 1", (balance - 1,))
+            conn.commit()
+            return True
+
+        return naive
+    if mode == "pyrate":
+        limiter = pyrate_limiter_for(db)
+        return lambda: bool(limiter.try_acquire("bench", blocking=False))
+    raise ValueError(mode)
+
+
+def pyrate_limiter_for(db: str, tokens: int | None = None):
+    from pyrate_limiter import Duration, Limiter, Rate, SQLiteBucket
+
+    tokens = tokens or int(os.environ["BENCH_TOKENS"])
+    bucket = SQLiteBucket.init_from_file([Rate(tokens, Duration.HOUR)], db_path=db, use_file_lock=True)
+    return Limiter(bucket)
+
+
+def worker_main(mode: str, db: str, go: str, out: str, worker: str) -> None:
+    attempt = make_attempt(mode, db, worker)
+    while not os.path.exists(go):
+        time.sleep(0.0005)
+    admitted, latencies = 0, []
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        ok = attempt()
+        latencies.append(time.perf_counter() - t0)
+        if not ok:
+            break
+        admitted += 1
+    end = time.perf_counter()
+    Path(out).write_text(json.dumps({"admitted": admitted, "latencies": latencies, "start": start, "end": end}))
+
+
+# ---------------------------------------------------------------- the driver
+
+def prepare(mode: str, db: Path, tokens: int) -> None:
+    if mode == "ledger":
+        from ingest.ledger import Ledger, LedgerPolicy
+        from ingest.store import open_db
+
+        ledger = Ledger(open_db(db), "bench", LedgerPolicy())
+        ledger.set_state(balance=tokens, refill_rate=tokens, next_tick=time.time() + 7200)  # no tick in the run
+    elif mode in ("bare", "naive"):
+        from ingest.store import connect
+
+        conn = connect(db)
+        conn.execute("CREATE TABLE bucket (id INTEGER PRIMARY KEY, balance INTEGER NOT NULL)")
+        conn.execute("INSERT INTO bucket VALUES (1, ?)", (tokens,))
+        conn.close()
+    elif mode == "pyrate":
+        subprocess.run([str(BENCH_VENV_PYTHON), __file__, "--prepare-pyrate", str(db), str(tokens)], check=True)
+
+
+def pyrate_available() -> str | None:
+    if not BENCH_VENV_PYTHON.exists():
+        return "bench/.venv is missing (python -m venv bench/.venv && bench/.venv/bin/pip install pyrate-limiter 'filelock<4')"
+    probe = subprocess.run([str(BENCH_VENV_PYTHON), "-c", "import pyrate_limiter, filelock; print(filelock.__version__)"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return "pyrate-limiter/filelock not importable in bench/.venv"
+    if int(probe.stdout.split(".")[0]) >= 4:
+        return f"filelock {probe.stdout.strip()} breaks non-blocking acquire: install filelock<4"
+    return None
+
+
+def run(mode: str, procs: int, tokens: int, folder: Path) -> dict:
+    run_dir = folder / f"{mode}-{procs}"
+    run_dir.mkdir()
+    db = run_dir / "bench.db"
+    prepare(mode, db, tokens)
+    python = str(BENCH_VENV_PYTHON) if mode == "pyrate" else sys.executable
+    go = run_dir / "go"
+    env = {**os.environ, "BENCH_TOKENS": str(tokens)}
+    children, outs = [], []
+    for i in range(procs):
+        out = run_dir / f"out-{i}.json"
+        outs.append(out)
+        children.append(subprocess.Popen([python, __file__, "--worker", mode, str(db), str(go), str(out), f"w{i}"], env=env))
+    time.sleep(1.0 if mode != "pyrate" else 2.0)  # every child connected and spinning on the go file
+    go.write_text("go")
+    for child in children:
+        if child.wait(timeout=600) != 0:
+            raise SystemExit(f"{mode} worker failed")
+    results = [json.loads(o.read_text()) for o in outs]
+    admitted = sum(r["admitted"] for r in results)
+    latencies = sorted(x for r in results for x in r["latencies"])
+    elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return {
+        "mode": mode, "procs": procs, "admitted": admitted, "rate": admitted / elapsed,
+        "p99_ms": latencies[int(0.99 * (len(latencies) - 1))] * 1000, "max_ms": latencies[-1] * 1000,
+        "median_ms": statistics.median(latencies) * 1000, "over_admitted": admitted - tokens,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=20000, help="starting balance (= reservations per run)")
+    parser.add_argument("--procs", default="1,2,4")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    procs = [int(p) for p in args.procs.split(",")]
+    skip_pyrate = pyrate_available()
+    if skip_pyrate:
+        print(f"pyrate column skipped: {skip_pyrate}", flush=True)
+    folder = Path(tempfile.mkdtemp(prefix="bench-ledger-", dir=HERE.parent / "var" if (HERE.parent / "var").exists() else None))
+    rows = []
+    try:
+        for n in procs:
+            for mode in MODES:
+                if mode == "pyrate" and skip_pyrate:
+                    continue
+                rows.append(run(mode, n, args.tokens, folder))
+                r = rows[-1]
+                print(f"{n} proc  {mode:<7} {r['rate']:>9.0f} res/s  median {r['median_ms']:6.3f} ms  p99 {r['p99_ms']:7.2f} ms"
+                      f"  max {r['max_ms']:8.2f} ms  over-admitted {r['over_admitted']}", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print()
+    print("procs  ledger res/s  bare res/s  pyrate res/s  ledger/bare  ledger/pyrate  over-admitted (ledger, naive)")
+    for n in procs:
+        by = {r["mode"]: r for r in rows if r["procs"] == n}
+        pyrate = by.get("pyrate")
+        ledger, bare, naive = by["ledger"], by["bare"], by["naive"]
+        pyrate_rate = f"{pyrate['rate']:.0f}" if pyrate else "skipped"
+        vs_pyrate = f"{ledger['rate'] / pyrate['rate']:.1f}x" if pyrate else "-"
+        print(f"{n:>5}  {ledger['rate']:>12.0f}  {bare['rate']:>10.0f}  {pyrate_rate:>12}  "
+              f"{ledger['rate'] / bare['rate']:>11.2f}  {vs_pyrate:>13}  {ledger['over_admitted']}, {naive['over_admitted']}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker_main(*sys.argv[2:7])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--prepare-pyrate":
+        pyrate_limiter_for(sys.argv[2], int(sys.argv[3])).close()
+    else:
+        main()
