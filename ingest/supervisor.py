@@ -138,6 +138,26 @@ def program_state(info: dict) -> dict:
     }
 
 
+def last_error_line(logfile: str, tail_bytes: int = 16_384) -> str:
+    """The last error line of a program's log (what a FATAL or EXITED worker died of), or ''."""
+    if not logfile:
+        return ""
+    try:
+        with open(logfile, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - tail_bytes))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        for marker in (" ERROR ", " CRITICAL "):
+            if marker in line:  # drop the timestamp and program prefix: "ERROR logger: message"
+                return line[line.index(marker) + 1:].strip()[:300]
+        if line.startswith(("ingest: error:", "Traceback")):
+            return line.strip()[:300]
+    return ""
+
+
 def probe(conf_path: str | os.PathLike | None = None, timeout: float = RPC_TIMEOUT_S) -> SupervisorView:
     """Ask supervisord for every program's state. Never raises: problems land in `error`."""
     config = find_config(conf_path)
@@ -159,6 +179,9 @@ def probe(conf_path: str | os.PathLike | None = None, timeout: float = RPC_TIMEO
     except (OSError, http.client.HTTPException, xmlrpc.client.Error) as e:
         return SupervisorView(config, url, False, error=f"supervisord at {url} did not answer: {e}")
     programs = {program_name(info): program_state(info) for info in infos}
+    for proc in programs.values():
+        if proc["state"] in ("BACKOFF", "FATAL", "EXITED"):
+            proc["last_error"] = last_error_line(proc["logfile"])
     return SupervisorView(config, url, True, programs, None, state.get("statename"), pid)
 
 

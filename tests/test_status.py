@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from ingest.cli import main
 from ingest.cli import status as status_module
 from ingest.health import Assessment, Check
-from ingest.supervisor import find_config, probe, server_url, supervisor_states
+from ingest.supervisor import find_config, last_error_line, probe, server_url, supervisor_states
 
 from .conftest import INGEST
 
@@ -122,6 +122,17 @@ def test_a_broken_config_is_one_line_not_a_traceback(tmp_path):
     conf.write_text("[supervisord\nno section end")
     view = probe(conf)
     assert not view.running and "not valid" in view.error and "\n" not in view.error
+
+
+def test_last_error_line_says_what_a_worker_died_of(tmp_path):
+    log = tmp_path / "backfill.log"
+    log.write_text(
+        "2026-01-01 10:00:00,000 backfill[7] INFO ingest.worker: waiting for lease 'backfill'\n"
+        "2026-01-01 10:00:00,100 backfill[7] ERROR ingest.worker: configuration error: no Keepa API key\n"
+        "2026-01-01 10:00:00,200 backfill[7] INFO ingest.leases: lease backfill released, fence 3\n"
+    )
+    assert last_error_line(str(log)) == "ERROR ingest.worker: configuration error: no Keepa API key"
+    assert last_error_line(str(tmp_path / "missing.log")) == ""
 
 
 @pytest.mark.slow

@@ -238,3 +238,23 @@ def test_supervisord_stopped_and_started_again_resumes(project):
     after = checkpoint(project, "backfill")
     assert (after["pass"], after["page"]) >= (before["pass"], before["page"]), (before, after)
     assert project.query("SELECT count(*) FROM deals")[0][0] >= deals_before
+
+
+@pytest.mark.timeout(200)
+def test_demo_shows_deals_within_a_minute_and_stops_everything(project):
+    """scripts/demo with no key: simulator + both workers under supervisord (demo.conf), a status
+    screen every few seconds, then (DEMO_SECONDS instead of Ctrl-C) a clean stop."""
+    for name in ("KEEPA_API_KEY", "KEEPA_BASE_URL"):
+        project.env.pop(name)
+    project.env.update(DEMO_SECONDS="45", DEMO_INTERVAL="3")
+    done = project.script("demo", timeout=180)
+
+    totals = [int(line.rsplit("(total ", 1)[1].rstrip(")")) for line in done.stdout.splitlines()
+              if line.startswith("deals ")]
+    assert totals and totals[-1] > 0, done.stdout[-3000:]
+    assert "the workers call the simulator" in done.stdout
+    assert "sim" in done.stdout and "supervisord stopped" in done.stdout
+    assert not (project.root / "var" / "supervisord.pid").exists()
+    for worker in WORKERS:
+        assert project.lease(worker)["holder_pid"] is None
+        assert project.events(worker)[-1]["event"] == "released"

@@ -112,11 +112,10 @@ def _ago(now: float, then: float | None) -> str:
 def _program_note(p: dict) -> str:
     if p["state"] == "RUNNING":
         return ""
-    if p["spawnerr"]:
-        return p["spawnerr"]
-    if p["state"] in ("EXITED", "BACKOFF", "FATAL") and p["exitstatus"] is not None:
-        return describe_exit(p["exitstatus"])
-    return p["description"]
+    note = p["spawnerr"] or (describe_exit(p["exitstatus"]) if p["state"] == "EXITED" else p["description"])
+    if p.get("last_error"):  # what it died of, from the end of its log
+        note = note.replace(" (process log may have details)", "") + f"; log: {p['last_error']}"
+    return note
 
 
 def _show_supervisor(s: dict) -> None:
