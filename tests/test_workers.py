@@ -73,7 +73,7 @@ def test_kill_9_at_random_points_loses_and_repeats_nothing(sim, env, db_path):
 
 def test_sigterm_releases_the_lease_and_exits_zero(sim, env, db_path):
     proc = start_worker("backfill", env)
-    wait_for(lambda: scalar(db_path, "SELECT count(*) FROM deals") if db_path.exists() else 0, 30,
+    wait_for(lambda: scalar(db_path, "SELECT count(*) FROM deals"), 30,
              what="first deals")
     started = time.monotonic()
     assert stop(proc) == 0
@@ -141,8 +141,7 @@ def test_lost_lease_stops_the_worker_with_exit_5(sim, env, db_path):
     from .workers_support import INGEST
 
     proc = start_worker("backfill", env)
-    wait_for(lambda: scalar(db_path, "SELECT holder_pid FROM leases WHERE name = 'backfill'") if db_path.exists() else None,
-             30, what="backfill to hold its lease")
+    wait_for(lambda: scalar(db_path, "SELECT holder_pid FROM leases WHERE name = 'backfill'"), 30, what="backfill to hold its lease")
     subprocess.run([INGEST, "leases", "release", "backfill", "--force"], env=env, check=True, capture_output=True)
     # a contender takes it at once (the row is free)
     contender = start_worker("backfill", env)

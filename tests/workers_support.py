@@ -85,7 +85,16 @@ def query(db_path: Path, sql: str, *args):
 
 
 def scalar(db_path: Path, sql: str, *args):
-    rows = query(db_path, sql, *args)
+    """One value, or None while the database or its tables do not exist yet (a worker that
+    has just started may not have migrated the file)."""
+    if not Path(db_path).exists():
+        return None
+    try:
+        rows = query(db_path, sql, *args)
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return None
+        raise
     return rows[0][0] if rows else None
 
 
