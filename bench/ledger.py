@@ -132,7 +132,7 @@ def pyrate_available() -> str | None:
 
 def run(mode: str, procs: int, tokens: int, folder: Path) -> dict:
     run_dir = folder / f"{mode}-{procs}"
-    run_dir.mkdir()
+    run_dir.mkdir(parents=True)
     db = run_dir / "bench.db"
     prepare(mode, db, tokens)
     python = str(BENCH_VENV_PYTHON) if mode == "pyrate" else sys.executable
@@ -163,6 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=20000, help="starting balance (= reservations per run)")
     parser.add_argument("--procs", default="1,2,4")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each case; the best rate is kept")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     procs = [int(p) for p in args.procs.split(",")]
@@ -172,18 +173,29 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench-ledger-", dir=HERE.parent / "var" if (HERE.parent / "var").exists() else None))
     rows = []
     try:
-        for n in procs:
-            for mode in MODES:
-                if mode == "pyrate" and skip_pyrate:
-                    continue
-                rows.append(run(mode, n, args.tokens, folder))
-                r = rows[-1]
-                print(f"{n} proc  {mode:<7} {r['rate']:>9.0f} res/s  median {r['median_ms']:6.3f} ms  p99 {r['p99_ms']:7.2f} ms"
-                      f"  max {r['max_ms']:8.2f} ms  over-admitted {r['over_admitted']}", flush=True)
+        for rep in range(args.repeat):  # interleaved, best of N: this machine is shared and noisy
+            for n in procs:
+                for mode in MODES:
+                    if mode == "pyrate" and skip_pyrate:
+                        continue
+                    r = run(mode, n, args.tokens, folder / f"rep{rep}")
+                    rows.append(r)
+                    print(f"{n} proc  {mode:<7} {r['rate']:>9.0f} res/s  median {r['median_ms']:6.3f} ms  p99 {r['p99_ms']:7.2f} ms"
+                          f"  max {r['max_ms']:8.2f} ms  over-admitted {r['over_admitted']}", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    best = {}
+    for r in rows:  # best rate, worst latency and over-admission across the repeats
+        key = (r["procs"], r["mode"])
+        b = best.setdefault(key, dict(r))
+        b["rate"] = max(b["rate"], r["rate"])
+        for worst in ("p99_ms", "max_ms", "over_admitted"):
+            b[worst] = max(b[worst], r[worst])
+    rows = list(best.values())
     print()
-    print("procs  ledger res/s  bare res/s  pyrate res/s  ledger/bare  ledger/pyrate  over-admitted (ledger, naive)")
+    print(f"best of {args.repeat} (rates), worst of {args.repeat} (latency, over-admission):")
+    print("procs  ledger res/s  bare res/s  pyrate res/s  ledger/bare  ledger/pyrate  over-admitted (ledger, naive)"
+          "  ledger p99/max ms")
     for n in procs:
         by = {r["mode"]: r for r in rows if r["procs"] == n}
         pyrate = by.get("pyrate")
@@ -191,7 +203,8 @@ def main() -> None:
         pyrate_rate = f"{pyrate['rate']:.0f}" if pyrate else "skipped"
         vs_pyrate = f"{ledger['rate'] / pyrate['rate']:.1f}x" if pyrate else "-"
         print(f"{n:>5}  {ledger['rate']:>12.0f}  {bare['rate']:>10.0f}  {pyrate_rate:>12}  "
-              f"{ledger['rate'] / bare['rate']:>11.2f}  {vs_pyrate:>13}  {ledger['over_admitted']}, {naive['over_admitted']}")
+              f"{ledger['rate'] / bare['rate']:>11.2f}  {vs_pyrate:>13}  {ledger['over_admitted']:>13}, {naive['over_admitted']:<13}"
+              f"  {ledger['p99_ms']:.2f} / {ledger['max_ms']:.0f}")
     if args.json:
         print(json.dumps(rows, indent=2))
 

@@ -64,7 +64,7 @@ def ledger_report(conn, config: dict, now: float | None = None) -> dict:
         blocked_until=_iso(a.blocked_until) if a.blocked_until and a.blocked_until > now else None,
         synced_at=_iso(a.synced_at), stale=a.synced_at is None or now - a.synced_at > policy.stale_after_s,
         in_flight=a.in_flight, reservations=[dict(r) for r in reservations], rate_limited_total=a.rate_limited,
-        costs=learned(conn, name),
+        costs=learned(conn, name), workers=a.workers,
     )
     return report
 
