@@ -162,16 +162,20 @@ def touch_seen(conn, ctx: WriteContext, listing: Listing) -> None:
     )
 
 
-def recently_fetched(conn, asins: list[str], fetched_since: float) -> set[str]:
-    """Which of `asins` have a complete evaluation fetched at or after `fetched_since`."""
-    if not asins:
+def already_current(conn, listings: list[Listing]) -> set[str]:
+    """ASINs whose stored evaluation is complete and no older than the listing (Keepa's
+    lastUpdate): fetching them again would spend a token for nothing. Both workers list the
+    same deals; this is what keeps them from buying each product twice."""
+    stamped = {l.asin: l.last_update for l in listings if l.last_update is not None}
+    if not stamped:
         return set()
-    marks = ",".join("?" * len(asins))
+    marks = ",".join("?" * len(stamped))
     rows = conn.execute(
-        f"SELECT asin FROM deals WHERE asin IN ({marks}) AND status != 'incomplete' AND last_fetched >= ?",
-        (*asins, fetched_since),
+        f"SELECT asin, deal_last_update FROM deals WHERE asin IN ({marks})"
+        " AND status != 'incomplete' AND last_fetched IS NOT NULL AND deal_last_update IS NOT NULL",
+        tuple(stamped),
     )
-    return {r[0] for r in rows}
+    return {asin for asin, stored in rows if stored >= stamped[asin]}
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,6 @@ class BackfillWorker(Worker):
         self.query_option = query_option
         section = self.config.get("backfill") or {}
         self.pass_pause_s = float(section.get("pass_pause_s", 600))
-        # a deal fetched this recently (by either worker) is only marked seen, not refetched
-        self.fresh_s = float(section.get("fresh_s", 3600))
         self._passes_finished = 0
 
     def setup(self) -> None:
@@ -102,8 +100,7 @@ class BackfillWorker(Worker):
 
     def process_batch(self, cursor: dict) -> None:
         pending = [store_deals.Listing.from_json(p) for p in cursor["pending"]]
-        now = self.clock.wall()
-        fresh = store_deals.recently_fetched(self.conn, [l.asin for l in pending], now - self.fresh_s)
+        fresh = store_deals.already_current(self.conn, pending)
         to_fetch = [l for l in pending if l.asin not in fresh]
         batch = to_fetch[: self.keepa.product_batch_size(100)] if to_fetch else []
         batch_asins = [l.asin for l in batch]

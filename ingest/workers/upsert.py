@@ -125,16 +125,29 @@ class UpsertWorker(Worker):
         log.debug("poll: %d deals listed, %d new since watermark %s", len(deals), len(fresh), watermark)
 
     def process_pending(self, checkpoint: dict) -> None:
+        """Store the oldest pending deals (one product batch, plus any already current, which
+        cost nothing) and move the watermark past exactly those."""
         pending = [store_deals.Listing.from_json(p) for p in checkpoint["pending"]]
-        batch = pending[: self.keepa.product_batch_size(100)]
+        current = store_deals.already_current(self.conn, pending)
+        limit = self.keepa.product_batch_size(100) if len(current) < len(pending) else 0
+        handled, batch = [], []
+        for listing in pending:
+            if listing.asin not in current:
+                if len(batch) == limit:
+                    break
+                batch.append(listing)
+            handled.append(listing)
         asins = [l.asin for l in batch]
-        products = self.fetch_products(asins)
-        checkpoint["pending"] = [l.to_json() for l in pending[len(batch):]]
-        advance_watermark(checkpoint, batch)
+        products = self.fetch_products(asins) if batch else {}
+        checkpoint["pending"] = [l.to_json() for l in pending[len(handled):]]
+        advance_watermark(checkpoint, handled)
         with self.commit("upsert batch", "upsert") as (conn, ctx):
+            for listing in handled:
+                if listing.asin in current:
+                    store_deals.touch_seen(conn, ctx, listing)
             counts = self.store_batch(conn, ctx, asins, {l.asin: l for l in batch}, products)
             store_deals.save_checkpoint(conn, ctx, CHECKPOINT, checkpoint)
-            fields = {"last_success_at": ctx.now} if products is not None else {}
+            fields = {"last_success_at": ctx.now} if batch and products is not None else {}
             store_deals.update_progress(conn, self.name, ctx.now, state="working", last_commit_at=ctx.now,
                                         detail=self._detail(checkpoint), **fields,
                                         counters={**counts, "tokens_spent": self.take_unrecorded_tokens()})
