@@ -125,7 +125,7 @@ def record_evaluation(conn, ctx: WriteContext, asin: str, listing: Listing | Non
         "reason": evaluation.reason,
         "last_fetched": ctx.now,
         "fetch_attempts": attempts,
-        "next_retry_at": ctx.now + retry_backoff.delay(attempts) if incomplete else None,
+        "next_retry_at": retry_backoff.next_retry_at(ctx.now, attempts) if incomplete else None,
     }
     _upsert_deal(conn, ctx, asin, listing, values)
     conn.execute(
@@ -147,7 +147,7 @@ def record_unfetched(conn, ctx: WriteContext, asin: str, listing: Listing | None
         "status": "incomplete",
         "reason": cause,
         "fetch_attempts": attempts,
-        "next_retry_at": ctx.now + retry_backoff.delay(attempts),
+        "next_retry_at": retry_backoff.next_retry_at(ctx.now, attempts),
     }
     _upsert_deal(conn, ctx, asin, listing, values)
     log_decision(conn, ctx, asin, "incomplete", cause, None)
@@ -180,13 +180,22 @@ def already_current(conn, listings: list[Listing]) -> set[str]:
 
 @dataclass(frozen=True)
 class RetryBackoff:
-    """When an incomplete deal is refetched: base * 2^(attempts-1), capped."""
+    """When an incomplete deal is refetched: base * 2^(attempts-1), capped. After
+    `max_attempts` the retries stop (next_retry_at NULL: a product Keepa never has the history
+    for would cost tokens forever); a newer listing of the deal still triggers a refetch."""
 
     base_s: float = 60.0
     cap_s: float = 6 * 3600.0
+    max_attempts: int = 12
 
-    def delay(self, attempts: int) -> float:
+    def delay(self, attempts: int) -> float | None:
+        if attempts >= self.max_attempts:
+            return None
         return min(self.cap_s, self.base_s * (2 ** max(0, attempts - 1)))
+
+    def next_retry_at(self, now: float, attempts: int) -> float | None:
+        delay = self.delay(attempts)
+        return None if delay is None else now + delay
 
 
 def due_for_retry(conn, now: float, limit: int) -> list[str]:

@@ -50,9 +50,12 @@ class WorkerSettings:
         for name in ("progress_log_s", "backoff_s", "backoff_max_s"):
             if name in merged:
                 kwargs[name] = float(merged[name])
-        if "retry_base_s" in merged or "retry_cap_s" in merged:
+        if {"retry_base_s", "retry_cap_s", "retry_max_attempts"} & set(merged):
+            default = store_deals.RetryBackoff()
             kwargs["retry_backoff"] = store_deals.RetryBackoff(
-                float(merged.get("retry_base_s", 60.0)), float(merged.get("retry_cap_s", 6 * 3600.0))
+                float(merged.get("retry_base_s", default.base_s)),
+                float(merged.get("retry_cap_s", default.cap_s)),
+                int(merged.get("retry_max_attempts", default.max_attempts)),
             )
         return cls(**kwargs)
 
