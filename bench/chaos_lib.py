@@ -1,0 +1,399 @@
+"""The chaos run's driver: the whole system under a real supervisord, the simulator with faults
+on, and a seeded schedule of kill -9, SIGSTOP past the TTL, a forced lease release and
+supervisord restarts; then a settle phase. bench/chaos_checks.py judges what it leaves behind.
+See docs/chaos.md for what is injected and how each invariant is defined.
+
+    run = ChaosRun(ChaosSettings(duration_s=90))
+    try:
+        result = run.execute()          # RunResult: timeline, samples, sim stats, db path
+    finally:
+        run.close()
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.chaos_sim import SimProcess, wait_for  # noqa: E402
+from tests.supervised import SupervisedProject  # noqa: E402
+
+LEASES = ("backfill", "upsert")
+ACQUIRED = ("acquired", "taken_over_dead", "taken_over_expired")
+
+
+@dataclass
+class ChaosSettings:
+    duration_s: float = 600.0
+    seed: int = 1
+    ttl_s: float = 6.0
+    renew_s: float = 2.0
+    retry_s: float = 0.5
+    products: int = 6000
+    refill_rate: int = 1200          # tokens/min at start; cap = 60 x rate
+    start_tokens: int = 1500         # low: the workers wait for refills, as against Keepa
+    rate_after: int = 900            # the refill-rate change, at ~60% of the run
+    fault_500: float = 0.08
+    fault_timeout: float = 0.04
+    fault_malformed: float = 0.04
+    fault_no_history: float = 0.05
+    sim_timeout_s: float = 4.0       # a timed-out answer is held this long ...
+    read_timeout_s: float = 2.0      # ... and the client gives up after this
+    window_429_s: float = 20.0
+    action_gap_s: tuple[float, float] = (8.0, 20.0)
+    settle_timeout_s: float = 300.0
+    standby: bool = True             # a second copy of each worker, waiting for the lease
+    sample_s: float = 0.25
+
+    @property
+    def stall_bound_s(self) -> float:
+        return self.ttl_s + self.renew_s
+
+    def toml(self) -> str:
+        return (f"[leases]\nttl_s = {self.ttl_s}\nrenew_s = {self.renew_s}\nretry_s = {self.retry_s}\n"
+                f"[keepa]\nread_timeout_s = {self.read_timeout_s}\nconnect_timeout_s = 2.0\n"
+                "[backfill]\npass_pause_s = 2.0\n")
+
+
+@dataclass
+class Event:
+    at: float                 # wall clock (lease_events and fenced_commits use it too)
+    kind: str                 # kill9 | sigstop | sigcont | force_release | supervisord_restart | ...
+    lease: str | None = None
+    pid: int | None = None
+    fence: int | None = None  # the lease's fence when the holder was disrupted
+    detail: str = ""
+    ref_at: float | None = None   # when the next holder could start: stall gaps count from here
+
+
+@dataclass
+class Window:
+    kind: str                 # forced_429 | supervisord_down | write_locked_stop
+    start: float
+    end: float
+
+
+@dataclass
+class RunResult:
+    settings: ChaosSettings
+    db_path: Path
+    log_dir: Path
+    events: list[Event]
+    windows: list[Window]
+    unowned: dict[str, list[tuple[float, float]]]   # per lease: sampled intervals without a live holder
+    min_balance: float | None
+    sim_stats: dict
+    start_tokens: int
+    settle_at: float
+    settled_at: float | None
+    settle_state: dict
+    status_json: dict | None
+
+
+class LeaseSampler(threading.Thread):
+    """Every sample_s: is each lease held by a holder whose heartbeat is younger than the TTL?
+    Intervals where it is not are kept (judged later against the excused windows)."""
+
+    def __init__(self, db_path: Path, sample_s: float, sim: SimProcess):
+        super().__init__(daemon=True, name="lease-sampler")
+        self.db_path, self.sample_s, self.sim = db_path, sample_s, sim
+        self.stop_event = threading.Event()
+        self.unowned: dict[str, list[tuple[float, float]]] = {name: [] for name in LEASES}
+        self._open: dict[str, float] = {}
+        self.min_balance: float | None = None
+
+    def run(self):
+        conn = None
+        last_balance = 0.0
+        while not self.stop_event.wait(self.sample_s):
+            try:
+                if conn is None:
+                    if not self.db_path.exists():
+                        continue
+                    conn = sqlite3.connect(str(self.db_path), timeout=1)
+                rows = {r[0]: r for r in conn.execute("SELECT name, holder_nonce, renewed_mono, ttl_s FROM leases")}
+            except sqlite3.Error:
+                continue  # locked or not migrated yet: try again at the next sample
+            now_mono, now = time.monotonic(), time.time()
+            for name in LEASES:
+                row = rows.get(name)
+                served = row is not None and row[1] is not None and now_mono - row[2] <= row[3]
+                if served and name in self._open:
+                    self.unowned[name].append((self._open.pop(name), now))
+                elif not served and name not in self._open:
+                    self._open[name] = now
+            if now_mono - last_balance >= 1.0:
+                last_balance = now_mono
+                try:
+                    left = self.sim.tokens()["tokensLeft"]
+                    self.min_balance = left if self.min_balance is None else min(self.min_balance, left)
+                except OSError:
+                    pass
+        now = time.time()
+        for name, since in self._open.items():
+            self.unowned[name].append((since, now))
+        if conn is not None:
+            conn.close()
+
+
+def holds_write_lock(db_path: Path, pid: int) -> bool:
+    """Does `pid` hold SQLite's WAL write lock (byte 120 of the -shm file, /proc/locks)?"""
+    try:
+        inode = os.stat(f"{db_path}-shm").st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        parts = line.split()
+        if "->" in parts:
+            continue  # a waiter, not a holder
+        if len(parts) >= 8 and parts[3] == "WRITE" and parts[4] == str(pid) and parts[5].endswith(f":{inode}"):
+            if int(parts[6]) <= 120 <= (int(parts[7]) if parts[7] != "EOF" else 1 << 62):
+                return True
+    return False
+
+
+class ChaosRun:
+    def __init__(self, settings: ChaosSettings, log=print):
+        self.s = settings
+        self.log = log
+        self.rng = random.Random(settings.seed)
+        self.events: list[Event] = []
+        self.windows: list[Window] = []
+        self.sim: SimProcess | None = None
+        self.project: SupervisedProject | None = None
+        self.sampler: LeaseSampler | None = None
+        self.t0 = 0.0
+        self._log_file = None
+
+    # ------------------------------------------------------------ setup and teardown
+
+    def setup(self) -> None:
+        s = self.s
+        self.project = SupervisedProject("http://127.0.0.1:1", toml=s.toml())  # URL set below
+        root = self.project.root
+        (root / "var" / "log").mkdir(parents=True, exist_ok=True)
+        self.sim = SimProcess(root / ".venv" / "bin" / "ingest", refill_rate=s.refill_rate,
+                              start_tokens=s.start_tokens, products=s.products, seed=s.seed,
+                              timeout_s=s.sim_timeout_s, log_path=root / "var" / "log" / "sim.log")
+        self.project.env["KEEPA_BASE_URL"] = self.sim.url
+        if os.environ.get("CHAOS_PYTHONPATH"):  # try a fix to ingest/ before it lands (docs/chaos.md)
+            self.project.env["PYTHONPATH"] = os.environ["CHAOS_PYTHONPATH"]
+        if s.standby:
+            self._add_standby_programs()
+        self.sampler = LeaseSampler(self.project.db_path, s.sample_s, self.sim)
+
+    def _add_standby_programs(self) -> None:
+        """A second copy of each worker, from the shipped program file with the names changed:
+        the lease decides which copy works; the other waits and takes over."""
+        programs = self.project.root / "supervisor.d" / "programs"
+        for name in LEASES:
+            text = (programs / f"{name}.conf").read_text()
+            text = text.replace(f"[program:{name}]", f"[program:{name}-standby]")
+            text = text.replace(f"var/log/{name}.log", f"var/log/{name}-standby.log")
+            (programs / f"{name}-standby.conf").write_text(text)
+
+    def programs(self) -> list[str]:
+        return [f"{n}{suffix}" for n in LEASES for suffix in (("", "-standby") if self.s.standby else ("",))]
+
+    def close(self, keep_to: Path | None = None) -> None:
+        if self.sampler is not None and self.sampler.is_alive():
+            self.sampler.stop_event.set()
+            self.sampler.join(5)
+        if self.project is not None:
+            try:
+                if keep_to is not None:
+                    self.project.script("stop", check=False, timeout=180)
+                    shutil.copytree(self.project.root / "var", keep_to, dirs_exist_ok=True)
+            finally:
+                self.project.close()
+        if self.sim is not None:
+            self.sim.stop()
+
+    # ------------------------------------------------------------ the run
+
+    def execute(self) -> RunResult:
+        s = self.s
+        self.setup()
+        self.t0 = time.time()
+        self._start_supervisord()
+        self.sampler.start()
+        wait_for(lambda: all(self._lease(n) and self._lease(n)["holder_pid"] for n in LEASES), 30)
+        self.sim.set_faults(fault_500=s.fault_500, fault_timeout=s.fault_timeout,
+                            fault_malformed=s.fault_malformed, fault_no_history=s.fault_no_history)
+        self.note(Event(time.time(), "faults_on", detail=f"500 {s.fault_500}, timeout {s.fault_timeout}, "
+                        f"malformed {s.fault_malformed}, no_history {s.fault_no_history}"))
+        self._chaos_loop()
+        settle_at = time.time()
+        self.sim.set_faults(fault_500=0, fault_timeout=0, fault_malformed=0, fault_no_history=0, force_429=None)
+        self.note(Event(settle_at, "faults_off"))
+        settled_at, state = self._settle(settle_at)
+        status = self._status_json()
+        self.windows.append(Window("supervisord_down", time.time(), float("inf")))
+        self.project.script("stop", timeout=240)   # graceful: the checks read a quiet database
+        self.note(Event(time.time(), "stopped"))
+        self.sampler.stop_event.set()
+        self.sampler.join(5)
+        stats = self.sim.stats()
+        return RunResult(s, self.project.db_path, self.project.root / "var" / "log", self.events, self.windows,
+                         self.sampler.unowned, self.sampler.min_balance, stats, s.start_tokens, settle_at,
+                         settled_at, state, status)
+
+    def note(self, event: Event) -> None:
+        self.events.append(event)
+        where = f" {event.lease}" if event.lease else ""
+        pid = f" pid {event.pid}" if event.pid else ""
+        self.log(f"[{event.at - self.t0:7.1f}s] {event.kind}{where}{pid} {event.detail}".rstrip())
+
+    def _plan(self) -> list[tuple[float, str]]:
+        """Fixed moments for the actions each run must contain; kills fill the gaps."""
+        d = self.s.duration_s
+        plan = [(0.12 * d, "sigstop"), (0.30 * d, "force_release"), (0.45 * d, "supervisord_restart"),
+                (0.55 * d, "window_429"), (0.62 * d, "rate_change"), (0.75 * d, "sigstop")]
+        if d >= 300:
+            plan += [(0.85 * d, "supervisord_restart"), (0.92 * d, "force_release")]
+        return sorted(plan)
+
+    def _chaos_loop(self) -> None:
+        plan = self._plan()
+        end = self.t0 + self.s.duration_s
+        next_kill = time.time() + self.rng.uniform(*self.s.action_gap_s)
+        while time.time() < end:
+            now = time.time()
+            if plan and now >= self.t0 + plan[0][0]:
+                getattr(self, f"do_{plan.pop(0)[1]}")()
+            elif now >= next_kill:
+                self.do_kill9()
+                next_kill = time.time() + self.rng.uniform(*self.s.action_gap_s)
+            time.sleep(0.1)
+        if any(self.t0 + at < end + 1 for at, _ in plan):
+            for _, action in plan:  # a slow machine: still inject every planned fault once
+                getattr(self, f"do_{action}")()
+
+    # ------------------------------------------------------------ actions
+
+    def _lease(self, name: str) -> dict | None:
+        try:
+            return self.project.lease(name) if self.project.db_path.exists() else None
+        except sqlite3.Error:
+            return None
+
+    def do_kill9(self) -> None:
+        states = self.project.states() or {}
+        holders = {self._lease(n)["holder_pid"]: n for n in LEASES if self._lease(n)}
+        running = [(p, st["pid"]) for p, st in states.items() if st.get("state") == "RUNNING" and st.get("pid")]
+        if not running:
+            return
+        held = [(p, pid) for p, pid in running if pid in holders]
+        program, pid = self.rng.choice(held if held and self.rng.random() < 0.7 else running)
+        lease = holders.get(pid)
+        fence = self._lease(lease)["fence"] if lease else None
+        at = time.time()
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self.note(Event(at, "kill9", lease, pid, fence, f"({program}{', holder' if lease else ''})", ref_at=at))
+
+    def do_sigstop(self) -> None:
+        name = self.rng.choice(LEASES)
+        row = self._lease(name)
+        if not row or not row["holder_pid"]:
+            return
+        pid, fence = row["holder_pid"], row["fence"]
+        pause = self.s.ttl_s + self.rng.uniform(1.5, 3.0)
+        at = time.time()
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.05)
+        locked = holds_write_lock(self.project.db_path, pid)
+        self.note(Event(at, "sigstop", name, pid, fence, f"for {pause:.1f}s" + (" holding the write lock" if locked else ""),
+                        ref_at=at))
+        time.sleep(pause)
+        cont = time.time()
+        os.kill(pid, signal.SIGCONT)
+        if locked:
+            self.windows.append(Window("write_locked_stop", at, cont))
+            self.events[-1].ref_at = cont
+        self.note(Event(cont, "sigcont", name, pid))
+
+    def do_force_release(self) -> None:
+        name = self.rng.choice(LEASES)
+        row = self._lease(name)
+        at = time.time()
+        done = self.project.run(str(self.project.root / ".venv/bin/ingest"), "leases", "release", name, "--force",
+                                check=False, timeout=30)
+        self.note(Event(at, "force_release", name, row["holder_pid"] if row else None, row["fence"] if row else None,
+                        f"exit {done.returncode}: {done.stdout.strip() or done.stderr.strip()}", ref_at=time.time()))
+
+    def do_supervisord_restart(self) -> None:
+        fences = {n: (self._lease(n) or {}).get("fence") for n in LEASES}
+        down = time.time()
+        self.project.script("stop", timeout=240)
+        up = time.time()
+        self.windows.append(Window("supervisord_down", down, up))
+        self._start_supervisord()
+        for name in LEASES:
+            self.note(Event(down, "supervisord_restart", name, None, fences[name],
+                            f"down {up - down:.1f}s", ref_at=up))
+
+    def _start_supervisord(self) -> None:
+        done = self.project.script("start", check=False, timeout=90)
+        if done.returncode != 0:
+            self.log(f"scripts/start exited {done.returncode}: {done.stdout.strip()} {done.stderr.strip()}")
+
+    def do_window_429(self) -> None:
+        duration = min(self.s.window_429_s, max(5.0, 0.1 * self.s.duration_s))
+        before = time.time()
+        self.sim.set_faults(force_429=[0, duration])
+        after = time.time()
+        self.windows.append(Window("forced_429", before, after + duration))
+        self.note(Event(before, "window_429", detail=f"{duration:.0f}s"))
+
+    def do_rate_change(self) -> None:
+        self.sim.set_tokens(refill_rate=self.s.rate_after)
+        self.note(Event(time.time(), "rate_change", detail=f"{self.s.refill_rate} -> {self.s.rate_after}/min"))
+
+    # ------------------------------------------------------------ settling
+
+    def _settle(self, since: float) -> tuple[float | None, dict]:
+        """Wait until backfill completed a pass that began after `since`, upsert polled after it
+        with nothing pending, and both leases are held. Returns (when, last state seen)."""
+        state: dict = {}
+
+        def settled():
+            try:
+                conn = self.project.db()
+                cps = {r[0]: json.loads(r[1]) for r in conn.execute("SELECT name, value FROM checkpoints")}
+                polled = conn.execute("SELECT max(at) FROM fenced_commits WHERE lease = 'upsert' AND what = 'upsert poll'"
+                                      ).fetchone()[0]
+            except sqlite3.Error:
+                return None
+            backfill, upsert = cps.get("backfill") or {}, cps.get("upsert") or {}
+            state.update(backfill_complete_pass_started=backfill.get("last_complete_pass_started_at"),
+                         backfill_pass=backfill.get("pass"), backfill_page=backfill.get("page"),
+                         upsert_pending=len(upsert.get("pending") or []), upsert_last_poll=polled)
+            done = ((backfill.get("last_complete_pass_started_at") or 0) >= since and polled and polled >= since
+                    and not upsert.get("pending") and all((self._lease(n) or {}).get("holder_pid") for n in LEASES))
+            return time.time() if done else None
+
+        settled_at = wait_for(settled, self.s.settle_timeout_s, 1.0)
+        self.note(Event(time.time(), "settled" if settled_at else "settle_timeout", detail=json.dumps(state)))
+        return settled_at, state
+
+    def _status_json(self) -> dict | None:
+        done = self.project.run(str(self.project.root / ".venv/bin/ingest"), "status", "--json", check=False, timeout=60)
+        try:
+            return json.loads(done.stdout)
+        except ValueError:
+            return None
