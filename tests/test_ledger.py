@@ -256,3 +256,14 @@ def test_an_idle_workers_share_flows_to_the_other(ledger, clock):
     assert got["backfill"] >= 0.97 * 300 * 5
     got = drain(ledger, clock, ["upsert"], rounds=300)    # backfill went idle
     assert got["upsert"] >= 0.97 * 300 * 5
+
+
+# ---------------------------------------------------------------- call log retention
+
+def test_call_log_keeps_n_days(ledger):
+    from ingest.calllog import CallRecord, prune, recent
+
+    for age_days in (40, 31, 29, 0):
+        CallRecord(at=NOW - age_days * 86400, worker="upsert", endpoint="deal").insert(ledger.conn, "acct")
+    assert prune(ledger.conn, NOW, days=30) == 2
+    assert sorted(round((NOW - r["at"]) / 86400) for r in recent(ledger.conn)) == [0, 29]

@@ -139,3 +139,20 @@ def test_sigterm_interrupts_a_wait_for_tokens(db_path):
             proc.kill()
             proc.wait()
         sim.stop()
+
+
+def test_batch_size_follows_the_balance_and_the_learned_cost(db_path, clock):
+    sim = start_sim(clock, start_tokens=37, refill_rate=60)
+    try:
+        keepa = keepa_for(db_path, sim, clock, "backfill")
+        assert keepa.product_batch_size(100) == 37  # 1 token per ASIN until learned otherwise
+        assert keepa.product_batch_size(10) == 10
+        asins = [sim.app.catalogue.asin_of(i) for i in range(37)]
+        page = keepa.products(asins)
+        assert len(page.products) == 37
+        # the bucket is spent: the next batch is what the next tick pays for, never 0
+        assert keepa.product_batch_size(100) == 60
+        stats = sim.stats()
+    finally:
+        sim.stop()
+    assert stats["served_429"] == 0
