@@ -23,8 +23,10 @@ VENV_BIN = Path(sys.executable).parent
 TOOLS = ("python", "ingest", "supervisord", "supervisorctl")
 CONF = "supervisor.d/supervisord.conf"
 
-# ttl >= 2 x renew >= 4 x retry (ingest.leases.LeaseTiming)
-LEASES_TOML = "[leases]\nttl_s = 4.0\nrenew_s = 1.0\nretry_s = 0.25\n"
+# ttl >= 2 x renew >= 4 x retry (ingest.leases.LeaseTiming); backfill starts its next pass at once
+# (a pass over the simulator takes ~100 s), so there is always work to commit
+TEST_TOML = ("[leases]\nttl_s = 4.0\nrenew_s = 1.0\nretry_s = 0.25\n\n"
+               "[backfill]\npass_pause_s = 1\n")
 TTL_S = 4.0
 
 
@@ -46,7 +48,7 @@ def _cmdline(pid: int) -> str:
 
 
 class SupervisedProject:
-    def __init__(self, keepa_url: str, *, toml: str = LEASES_TOML):
+    def __init__(self, keepa_url: str, *, toml: str = TEST_TOML):
         self.root = Path(tempfile.mkdtemp(prefix="ie2e-", dir="/tmp"))
         shutil.copytree(ROOT / "supervisor.d", self.root / "supervisor.d")
         shutil.copytree(ROOT / "scripts", self.root / "scripts")

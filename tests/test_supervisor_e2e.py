@@ -207,13 +207,16 @@ def test_twenty_restarts_never_leave_work_unowned_longer_than_the_ttl(project):
         print(f"{worker}: lease free between holders max {max(gaps):.2f}s, mean {sum(gaps) / 20:.2f}s")
         assert max(gaps) < TTL_S
 
-    # ingestion went on through the restarts: backfill committed under (nearly) every fence
+    # ingestion went on through the restarts. A holder that lives ~4 s may commit nothing (upsert
+    # has the tokens first while both are busy), so the measure is the longest pause between
+    # commits, against the production lease TTL (30 s); and the last holder commits too.
     stamps = [at for at, _ in commits(project, "backfill") if at >= first]
     fences = {f for at, f in commits(project, "backfill") if at >= first}
     longest = max(b - a for a, b in zip(stamps, stamps[1:]))
-    print(f"backfill: {len(stamps)} commits under {len(fences)} fences, longest pause {longest:.2f}s")
-    assert len(fences) >= 15
-    assert longest < 30.0  # the production lease TTL
+    print(f"backfill: {len(stamps)} commits under {len(fences)} of 21 fences, longest pause {longest:.2f}s")
+    assert longest < 30.0
+    final = project.lease("backfill")["fence"]
+    project.wait(lambda: commits(project, "backfill", final), 30, "the last backfill holder committing")
 
 
 def test_supervisord_stopped_and_started_again_resumes(project):
