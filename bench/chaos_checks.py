@@ -214,6 +214,8 @@ def check_tokens(conn, result) -> list[Row]:
             f"start {result.start_tokens} + refilled {refilled}; final balance {tokens.get('tokensLeft')}"),
         Row("lowest balance seen (>= -one call)", "n/a" if min_balance is None else str(min_balance),
             verdict(min_balance is None or min_balance >= -MAX_CALL_COST)),
+        Row("bucket never at its cap (no refill lost)", f"max {result.max_balance} of cap {result.cap}",
+            verdict(result.max_balance is None or result.max_balance < result.cap)),
         Row("ledger's call log vs server's charges", f"logged {logged}, charged {consumed}, gap {gap}",
             verdict(0 <= gap <= unheard * MAX_CALL_COST),
             f"gap = tokens charged for answers never read ({unheard} timeouts/malformed)"),
@@ -243,7 +245,7 @@ def check_exits(result) -> list[Row]:
     """Worker exits from supervisord's log: SIGKILL (ours), 5 (lost lease) and 0 are expected;
     anything else is a crash, unless a paused process held the database's write lock then."""
     path = result.log_dir / "supervisord.log"
-    counts, crashes = defaultdict(int), []
+    counts, crashes, quit_alone = defaultdict(int), [], []
     locked = [w for w in result.windows if w.kind == "write_locked_stop"]
     for line in path.read_text().splitlines() if path.exists() else []:
         m = EXIT_LINE.match(line)
@@ -251,6 +253,8 @@ def check_exits(result) -> list[Row]:
             continue
         how = m.group(4) or m.group(5)
         counts[how] += 1
+        if how == "0":  # supervisord did not stop it ("stopped:" lines): it quit on its own, and
+            quit_alone.append((m.group(2), m.group(1)))  # exit 0 is never restarted
         if how not in ("0", "5", "SIGKILL"):
             at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
             if not any(w.start <= at <= w.end + 60 for w in locked):
@@ -260,7 +264,16 @@ def check_exits(result) -> list[Row]:
         Row("worker exits (status: count)", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none", "info"),
         Row("no worker crash (exit other than 0/5/SIGKILL)", str(len(crashes) + len(fatal)),
             verdict(not crashes and not fatal), str((crashes + fatal)[:5]) if crashes or fatal else ""),
+        Row("no worker quit on its own with exit 0 (not restarted)", str(len(quit_alone)),
+            verdict(not quit_alone), str(quit_alone[:5]) if quit_alone else ""),
     ]
+
+
+def check_programs(result) -> Row:
+    down = {p: st for p, st in result.programs_at_end.items() if st != "RUNNING"}
+    return Row("every program RUNNING after settling", f"{len(result.programs_at_end) - len(down)}/"
+               f"{len(result.programs_at_end)}", verdict(not down and bool(result.programs_at_end)),
+               str(down) if down else "")
 
 
 def status_row(result) -> Row:
@@ -282,6 +295,7 @@ def all_rows(result) -> list[Row]:
         rows += check_tokens(conn, result)
         rows.append(check_integrity(conn))
         rows += check_exits(result)
+        rows.append(check_programs(result))
         rows.append(status_row(result))
         return rows
     finally:

@@ -17,20 +17,19 @@ import shutil
 import signal
 import sqlite3
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.chaos_observe import LeaseSampler, holds_write_lock  # noqa: E402
 from bench.chaos_sim import SimProcess, wait_for  # noqa: E402
 from tests.supervised import SupervisedProject  # noqa: E402
 
 LEASES = ("backfill", "upsert")
-ACQUIRED = ("acquired", "taken_over_dead", "taken_over_expired")
 
 
 @dataclass
@@ -99,69 +98,9 @@ class RunResult:
     settled_at: float | None
     settle_state: dict
     status_json: dict | None
-
-
-class LeaseSampler(threading.Thread):
-    """Every sample_s: is each lease held by a holder whose heartbeat is younger than the TTL?
-    Intervals where it is not are kept (judged later against the excused windows)."""
-
-    def __init__(self, db_path: Path, sample_s: float, sim: SimProcess):
-        super().__init__(daemon=True, name="lease-sampler")
-        self.db_path, self.sample_s, self.sim = db_path, sample_s, sim
-        self.stop_event = threading.Event()
-        self.unowned: dict[str, list[tuple[float, float]]] = {name: [] for name in LEASES}
-        self._open: dict[str, float] = {}
-        self.min_balance: float | None = None
-
-    def run(self):
-        conn = None
-        last_balance = 0.0
-        while not self.stop_event.wait(self.sample_s):
-            try:
-                if conn is None:
-                    if not self.db_path.exists():
-                        continue
-                    conn = sqlite3.connect(str(self.db_path), timeout=1)
-                rows = {r[0]: r for r in conn.execute("SELECT name, holder_nonce, renewed_mono, ttl_s FROM leases")}
-            except sqlite3.Error:
-                continue  # locked or not migrated yet: try again at the next sample
-            now_mono, now = time.monotonic(), time.time()
-            for name in LEASES:
-                row = rows.get(name)
-                served = row is not None and row[1] is not None and now_mono - row[2] <= row[3]
-                if served and name in self._open:
-                    self.unowned[name].append((self._open.pop(name), now))
-                elif not served and name not in self._open:
-                    self._open[name] = now
-            if now_mono - last_balance >= 1.0:
-                last_balance = now_mono
-                try:
-                    left = self.sim.tokens()["tokensLeft"]
-                    self.min_balance = left if self.min_balance is None else min(self.min_balance, left)
-                except OSError:
-                    pass
-        now = time.time()
-        for name, since in self._open.items():
-            self.unowned[name].append((since, now))
-        if conn is not None:
-            conn.close()
-
-
-def holds_write_lock(db_path: Path, pid: int) -> bool:
-    """Does `pid` hold SQLite's WAL write lock (byte 120 of the -shm file, /proc/locks)?"""
-    try:
-        inode = os.stat(f"{db_path}-shm").st_ino
-        lines = Path("/proc/locks").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        parts = line.split()
-        if "->" in parts:
-            continue  # a waiter, not a holder
-        if len(parts) >= 8 and parts[3] == "WRITE" and parts[4] == str(pid) and parts[5].endswith(f":{inode}"):
-            if int(parts[6]) <= 120 <= (int(parts[7]) if parts[7] != "EOF" else 1 << 62):
-                return True
-    return False
+    programs_at_end: dict            # program -> supervisord state just before the final stop
+    max_balance: float | None = None
+    cap: float | None = None
 
 
 class ChaosRun:
@@ -240,6 +179,7 @@ class ChaosRun:
         self.note(Event(settle_at, "faults_off"))
         settled_at, state = self._settle(settle_at)
         status = self._status_json()
+        programs = {name: st.get("state") for name, st in (self.project.states() or {}).items()}
         self.windows.append(Window("supervisord_down", time.time(), float("inf")))
         self.project.script("stop", timeout=240)   # graceful: the checks read a quiet database
         self.note(Event(time.time(), "stopped"))
@@ -248,7 +188,7 @@ class ChaosRun:
         stats = self.sim.stats()
         return RunResult(s, self.project.db_path, self.project.root / "var" / "log", self.events, self.windows,
                          self.sampler.unowned, self.sampler.min_balance, stats, s.start_tokens, settle_at,
-                         settled_at, state, status)
+                         settled_at, state, status, programs, self.sampler.max_balance, self.sampler.cap)
 
     def note(self, event: Event) -> None:
         self.events.append(event)

@@ -1,7 +1,7 @@
 """The chaos run, short: the whole system under a real supervisord against the simulator with
 faults on, while workers are killed (-9), paused past their lease TTL, a lease is force-released
 and supervisord restarted; then it settles and every invariant of bench/chaos.py must hold
-(docs/chaos.md). About 60 s of chaos plus the settle phase.
+(docs/chaos.md). About 75 s of chaos plus the settle phase.
 """
 
 import sys
@@ -20,7 +20,7 @@ pytestmark = [
 
 @pytest.mark.timeout(240)
 def test_nothing_lost_nothing_stalls_no_token_wasted_under_chaos():
-    settings = settings_for(60.0, seed=2)
+    settings = settings_for(75.0, seed=2)
     lines: list[str] = []
     run = ChaosRun(settings, log=lines.append)
     try:

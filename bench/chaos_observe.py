@@ -1,0 +1,79 @@
+"""What the chaos run watches while it runs: lease ownership sampled from the database, the
+simulator's balance, and whether a paused process holds SQLite's write lock (/proc/locks)."""
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from bench.chaos_sim import SimProcess
+
+LEASES = ("backfill", "upsert")
+
+
+class LeaseSampler(threading.Thread):
+    """Every sample_s: is each lease held by a holder whose heartbeat is younger than the TTL?
+    Intervals where it is not are kept (judged later against the excused windows)."""
+
+    def __init__(self, db_path: Path, sample_s: float, sim: SimProcess):
+        super().__init__(daemon=True, name="lease-sampler")
+        self.db_path, self.sample_s, self.sim = db_path, sample_s, sim
+        self.stop_event = threading.Event()
+        self.unowned: dict[str, list[tuple[float, float]]] = {name: [] for name in LEASES}
+        self._open: dict[str, float] = {}
+        self.min_balance: float | None = None
+        self.max_balance: float | None = None
+        self.cap: float | None = None
+
+    def run(self):
+        conn = None
+        last_balance = 0.0
+        while not self.stop_event.wait(self.sample_s):
+            try:
+                if conn is None:
+                    if not self.db_path.exists():
+                        continue
+                    conn = sqlite3.connect(str(self.db_path), timeout=1)
+                rows = {r[0]: r for r in conn.execute("SELECT name, holder_nonce, renewed_mono, ttl_s FROM leases")}
+            except sqlite3.Error:
+                continue  # locked or not migrated yet: try again at the next sample
+            now_mono, now = time.monotonic(), time.time()
+            for name in LEASES:
+                row = rows.get(name)
+                served = row is not None and row[1] is not None and now_mono - row[2] <= row[3]
+                if served and name in self._open:
+                    self.unowned[name].append((self._open.pop(name), now))
+                elif not served and name not in self._open:
+                    self._open[name] = now
+            if now_mono - last_balance >= 1.0:
+                last_balance = now_mono
+                try:
+                    tokens = self.sim.tokens()
+                    left, self.cap = tokens["tokensLeft"], tokens["cap"]
+                    self.min_balance = left if self.min_balance is None else min(self.min_balance, left)
+                    self.max_balance = left if self.max_balance is None else max(self.max_balance, left)
+                except OSError:
+                    pass
+        now = time.time()
+        for name, since in self._open.items():
+            self.unowned[name].append((since, now))
+        if conn is not None:
+            conn.close()
+
+
+def holds_write_lock(db_path: Path, pid: int) -> bool:
+    """Does `pid` hold SQLite's WAL write lock (byte 120 of the -shm file, /proc/locks)?"""
+    try:
+        inode = os.stat(f"{db_path}-shm").st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        parts = line.split()
+        if "->" in parts:
+            continue  # a waiter, not a holder
+        if len(parts) >= 8 and parts[3] == "WRITE" and parts[4] == str(pid) and parts[5].endswith(f":{inode}"):
+            if int(parts[6]) <= 120 <= (int(parts[7]) if parts[7] != "EOF" else 1 << 62):
+                return True
+    return False
