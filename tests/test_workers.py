@@ -168,3 +168,11 @@ def test_key_never_reaches_the_database(sim, env, db_path):
     data = db_path.read_bytes() + (db_path.with_name(db_path.name + "-wal").read_bytes()
                                    if db_path.with_name(db_path.name + "-wal").exists() else b"")
     assert TEST_KEY.encode() not in data
+
+
+def test_missing_key_is_a_config_error_before_the_lease(sim, env, db_path):
+    del env["KEEPA_API_KEY"]
+    result = run_worker("backfill", env)
+    assert result.returncode == 3
+    assert "no Keepa API key" in result.stderr
+    assert scalar(db_path, "SELECT count(*) FROM lease_events") in (None, 0)

@@ -23,7 +23,7 @@ from ..clock import SYSTEM_CLOCK
 from ..errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_LEASE_LOST, EXIT_OK, ConfigError, IngestError
 from ..keepa import KeepaRequestError, MalformedResponse, TransientError
 from ..leases import Lease, LeaseLost, LeaseTiming
-from ..metered import Stopped, open_keepa
+from ..metered import Stopped, keepa_settings, open_keepa
 from ..store import open_db, transaction
 
 log = logging.getLogger("ingest.worker")
@@ -91,6 +91,8 @@ class Worker:
         try:
             self.conn = open_db(self.db_path)
             self.setup()
+            if self._keepa is None:
+                keepa_settings(self.config)  # a missing key fails here, before the lease is taken
             self.lease = Lease(self.db_path, self.name, self.lease_timing, clock=self.clock)
             self._set_state("waiting_lease")
             log.info("waiting for lease %r", self.name)
