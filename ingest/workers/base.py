@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,7 +19,7 @@ from datetime import datetime, timezone
 from .. import deals as store_deals
 from ..analytics import AnalyticsParams, evaluate_deal
 from ..clock import SYSTEM_CLOCK
-from ..errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_LEASE_LOST, EXIT_OK, ConfigError, IngestError
+from ..errors import EXIT_CONFIG, EXIT_LEASE_LOST, EXIT_OK, ConfigError, IngestError
 from ..keepa import KeepaRequestError, MalformedResponse, TransientError
 from ..leases import Lease, LeaseLost, LeaseTiming
 from ..metered import Stopped, keepa_settings, open_keepa
@@ -82,6 +81,7 @@ class Worker:
         self._last_progress_log = 0.0
         self._period = {"pages": 0, "accepted": 0, "rejected": 0, "incomplete": 0, "tokens": 0}
         self._period_started = clock.monotonic()
+        self._tokens_unrecorded = 0  # spent since the last commit; added to worker_progress by the next
 
     # ------------------------------------------------------------ lifecycle
 
@@ -224,9 +224,6 @@ class Worker:
         except Exception as e:  # progress must never take the worker down
             log.warning("could not record state %s: %s", state, e)
 
-    def now_dt(self) -> datetime:
-        return datetime.fromtimestamp(self.clock.wall(), tz=timezone.utc)
-
     # ------------------------------------------------------------ fetching and evaluating
 
     def fetch_products(self, asins: list[str]) -> dict[str, dict] | None:
@@ -271,11 +268,11 @@ class Worker:
     def _count_tokens(self, envelope) -> None:
         spent = getattr(envelope, "tokens_consumed", 0) or 0
         self._period["tokens"] += spent
-        self._tokens_unrecorded = getattr(self, "_tokens_unrecorded", 0) + spent
+        self._tokens_unrecorded += spent
 
     def take_unrecorded_tokens(self) -> int:
         """Tokens spent since the last commit, to add to worker_progress in the next one."""
-        spent, self._tokens_unrecorded = getattr(self, "_tokens_unrecorded", 0), 0
+        spent, self._tokens_unrecorded = self._tokens_unrecorded, 0
         return spent
 
     def _maybe_log_progress(self) -> None:
@@ -296,10 +293,3 @@ class Worker:
     def describe_position(self) -> str:
         return ""
 
-
-def run_worker(worker_class, db_path, config: dict, once: bool) -> int:
-    worker = worker_class(db_path, config, once=once)
-    started = time.monotonic()
-    code = worker.run()
-    log.info("exit %d after %.1f s", code, time.monotonic() - started)
-    return code
