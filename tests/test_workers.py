@@ -176,3 +176,27 @@ def test_missing_key_is_a_config_error_before_the_lease(sim, env, db_path):
     assert result.returncode == 3
     assert "no Keepa API key" in result.stderr
     assert scalar(db_path, "SELECT count(*) FROM lease_events") in (None, 0)
+
+
+def test_lease_lost_while_waiting_for_tokens_exits_5_not_0(tmp_path, db_path):
+    """supervisord restarts exit 5 but not exit 0: a worker whose lease is taken while it waits
+    for tokens must not look like a clean stop."""
+    import subprocess
+
+    from .workers_support import INGEST
+
+    simulator = Simulator(SimConfig(port=0, refill_rate=5, start_tokens=0, seed=7, products=300))
+    simulator.start()
+    try:
+        env = worker_env(simulator.url, db_path, write_config(tmp_path))
+        proc = start_worker("backfill", env)
+        wait_for(lambda: scalar(db_path, "SELECT holder_pid FROM leases WHERE name = 'backfill'"), 30,
+                 what="backfill to hold its lease")
+        time.sleep(1.0)  # now waiting for the first tick, with nothing to spend
+        subprocess.run([INGEST, "leases", "release", "backfill", "--force"], env=env, check=True,
+                       capture_output=True)
+        assert proc.wait(20) == 5
+    finally:
+        stop(proc)
+        simulator.stop()
+    assert scalar(db_path, "SELECT state FROM worker_progress WHERE worker = 'backfill'") == "lost"

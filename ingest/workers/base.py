@@ -112,6 +112,12 @@ class Worker:
             self._set_state("lost", last_error=str(e))
             return EXIT_LEASE_LOST
         except Stopped:
+            # the stop event is also set when the lease is lost: that is not a clean stop, and
+            # supervisord must restart the worker (exit 5), not leave it EXITED (exit 0)
+            if self.lease is not None and self.lease.lost.is_set():
+                log.error("lease %r lost while waiting", self.name)
+                self._set_state("lost", last_error="lease lost while waiting")
+                return EXIT_LEASE_LOST
             return self._stopped()
         except ConfigError as e:
             log.error("configuration error: %s", e)
