@@ -94,11 +94,10 @@ class Worker:
             if self._keepa is None:
                 keepa_settings(self.config)  # a missing key fails here, before the lease is taken
             self.lease = Lease(self.db_path, self.name, self.lease_timing, clock=self.clock)
-            self._set_state("waiting_lease")
+            self._note_waiting_for_lease()
             log.info("waiting for lease %r", self.name)
             if not self.lease.acquire(stop=self.stop):
-                self._set_state("stopped")
-                return EXIT_OK
+                return EXIT_OK  # stopped while waiting: the progress row is the holder's, not ours
             self.lease.start_heartbeat()
             threading.Thread(target=self._stop_on_loss, daemon=True, name="lease-watch").start()
             log.info("holding lease %r with fence %d", self.name, self.lease.fence)
@@ -217,6 +216,19 @@ class Worker:
             ctx = store_deals.WriteContext(self.name, self.lease.fence, self.clock.wall(), source)
             yield conn, ctx
             store_deals.note_fenced_commit(conn, ctx, self.name, os.getpid(), what)
+
+    def _note_waiting_for_lease(self) -> None:
+        """Say we are waiting, unless the row is the live holder's: a standby (another host, a
+        second copy) must not overwrite the progress of the process doing the work."""
+        try:
+            with transaction(self.conn):
+                row = self.conn.execute("SELECT pid, state FROM worker_progress WHERE worker = ?",
+                                        (self.name,)).fetchone()
+                holder = self.conn.execute("SELECT holder_pid FROM leases WHERE name = ?", (self.name,)).fetchone()
+                if row is None or holder is None or holder[0] is None or row["pid"] != holder[0]:
+                    store_deals.update_progress(self.conn, self.name, self.clock.wall(), state="waiting_lease")
+        except Exception as e:  # progress must never take the worker down
+            log.warning("could not record state waiting_lease: %s", e)
 
     def _set_state(self, state: str, counters: dict | None = None, **fields) -> None:
         """Progress that is not part of a batch (state changes, errors): not fenced, so a
