@@ -140,7 +140,9 @@ def _in_range(times: list[int], values: list[int]) -> tuple[list[int], list[int]
 
 
 def _landed(price: int, shipping: int) -> int:
-    if price < 0:
+    # A price of 0 is no offer, as in a pair slot (where prices must be > 0): shipping alone
+    # is not a price (hypothesis found [t, 0, 1] read as a 1-cent sale).
+    if price <= 0:
         return NO_DATA
     return price + shipping if shipping > 0 else price
 

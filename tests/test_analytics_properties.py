@@ -211,3 +211,15 @@ def sorted_pairs(raw):
         return raw
     points = sorted(raw[i : i + 2] for i in range(0, len(raw), 2))
     return [x for p in points for x in p]
+
+
+def test_zero_price_triplet_with_shipping_is_not_a_price():
+    """Found by hypothesis in CI: [t, 0, 1] in a used triplet slot was read as a 1-cent price."""
+    csv = [None] * 36
+    csv[3] = [7012800, -1, 7012800, -1, 7012800, 2, 7013160, 1]
+    csv[12] = [7012800, -1, 7012800, -1, 7012800, 1, 7013160, 0]
+    csv[22] = [7012800, 0, 1]
+    product = {"asin": "B0DENSE", "csv": csv, "trackingSince": 6480000}
+    p = AnalyticsParams(confirm_window_hours=0, min_tracked_days=0, outlier_factor=0, outlier_min_sales=1)
+    avg = one_year_average(product, NOW, p)
+    assert avg.value_cents is None
