@@ -19,3 +19,15 @@ def _isolated_env(monkeypatch, tmp_path):
     for name in ("INGEST_DB", "INGEST_CONFIG", "KEEPA_API_KEY", "KEEPA_BASE_URL", "INGEST_QUERY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+# CI runs a fixed set of hypothesis examples (a red CI must mean a regression, not a new random
+# draw); local runs keep exploring new examples.
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI"):
+        _hypothesis_settings.load_profile("ci")
+except ImportError:  # pragma: no cover
+    pass
