@@ -107,16 +107,10 @@ class BackfillWorker(Worker):
         products = self.fetch_products(batch_asins) if batch else {}
         done = set(batch_asins) | fresh
         cursor["pending"] = [l.to_json() for l in pending if l.asin not in done]
-        with self.commit(f"backfill batch page {cursor['page']}", "backfill") as (conn, ctx):
-            for listing in pending:
-                if listing.asin in fresh:
-                    store_deals.touch_seen(conn, ctx, listing)
-            counts = self.store_batch(conn, ctx, batch_asins, {l.asin: l for l in batch}, products)
-            store_deals.save_checkpoint(conn, ctx, CHECKPOINT, cursor)
-            fields = {"last_success_at": ctx.now} if batch and products is not None else {}
-            store_deals.update_progress(conn, self.name, ctx.now, state="working", last_commit_at=ctx.now,
-                                        detail=self._detail(cursor), **fields,
-                                        counters={**counts, "tokens_spent": self.take_unrecorded_tokens()})
+        self.commit_batch(f"backfill batch page {cursor['page']}", "backfill", batch_asins,
+                          {l.asin: l for l in batch}, products,
+                          touched=[l for l in pending if l.asin in fresh],
+                          checkpoint=(CHECKPOINT, cursor), detail=self._detail(cursor))
 
     def finish_page(self, cursor: dict) -> None:
         now = self.clock.wall()

@@ -283,6 +283,24 @@ class Worker:
             self._period[key] += n
         return counts
 
+    def commit_batch(self, what: str, source: str, asins: list[str], listings: dict[str, store_deals.Listing],
+                     products: dict[str, dict] | None, *, touched=(), checkpoint: tuple[str, dict] | None = None,
+                     detail: dict | None = None) -> dict[str, int]:
+        """One fenced transaction for a fetched batch: mark `touched` listings seen, store every
+        ASIN's outcome, save the checkpoint that covers them, and count the progress."""
+        with self.commit(what, source) as (conn, ctx):
+            for listing in touched:
+                store_deals.touch_seen(conn, ctx, listing)
+            counts = self.store_batch(conn, ctx, asins, listings, products)
+            if checkpoint is not None:
+                store_deals.save_checkpoint(conn, ctx, *checkpoint)
+            fields = {"last_success_at": ctx.now} if asins and products is not None else {}
+            if detail is not None:
+                fields["detail"] = detail
+            store_deals.update_progress(conn, self.name, ctx.now, state="working", last_commit_at=ctx.now,
+                                        **fields, counters={**counts, "tokens_spent": self.take_unrecorded_tokens()})
+        return counts
+
     def _count_tokens(self, envelope) -> None:
         spent = getattr(envelope, "tokens_consumed", 0) or 0
         self._period["tokens"] += spent

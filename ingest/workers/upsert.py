@@ -141,16 +141,9 @@ class UpsertWorker(Worker):
         products = self.fetch_products(asins) if batch else {}
         checkpoint["pending"] = [l.to_json() for l in pending[len(handled):]]
         advance_watermark(checkpoint, handled)
-        with self.commit("upsert batch", "upsert") as (conn, ctx):
-            for listing in handled:
-                if listing.asin in current:
-                    store_deals.touch_seen(conn, ctx, listing)
-            counts = self.store_batch(conn, ctx, asins, {l.asin: l for l in batch}, products)
-            store_deals.save_checkpoint(conn, ctx, CHECKPOINT, checkpoint)
-            fields = {"last_success_at": ctx.now} if batch and products is not None else {}
-            store_deals.update_progress(conn, self.name, ctx.now, state="working", last_commit_at=ctx.now,
-                                        detail=self._detail(checkpoint), **fields,
-                                        counters={**counts, "tokens_spent": self.take_unrecorded_tokens()})
+        self.commit_batch("upsert batch", "upsert", asins, {l.asin: l for l in batch}, products,
+                          touched=[l for l in handled if l.asin in current],
+                          checkpoint=(CHECKPOINT, checkpoint), detail=self._detail(checkpoint))
 
     def spare_work(self) -> bool:
         """Retry due incomplete deals, then refresh stale ones, only with tokens to spare."""
@@ -167,11 +160,7 @@ class UpsertWorker(Worker):
             return False
         asins = candidates[:affordable]
         products = self.fetch_products(asins)
-        with self.commit(f"upsert {source}", source) as (conn, ctx):
-            counts = self.store_batch(conn, ctx, asins, {}, products)
-            fields = {"last_success_at": ctx.now} if products is not None else {}
-            store_deals.update_progress(conn, self.name, ctx.now, state="working", last_commit_at=ctx.now,
-                                        **fields, counters={**counts, "tokens_spent": self.take_unrecorded_tokens()})
+        counts = self.commit_batch(f"upsert {source}", source, asins, {}, products)
         log.info("%s: %d deals (%s)", source, len(asins), ", ".join(f"{k} {v}" for k, v in counts.items() if v))
         return True
 
