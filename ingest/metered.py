@@ -31,10 +31,10 @@ from .keepa import (
     RateLimited,
     TransientError,
 )
-from .ledger import CostAboveCap, Ledger, LedgerPolicy, Stopped, account_id
+from .ledger import SPIN, CostAboveCap, Ledger, LedgerPolicy, Stopped, account_id, ledger_connection
 from .logs import register_secret
-from .store import open_db
-from .token_costs import product_kind, unit_cost
+from .store import transaction
+from .token_costs import product_kind
 
 __all__ = ["MeteredKeepa", "open_keepa", "Stopped", "CostAboveCap", "keepa_settings"]
 
@@ -71,7 +71,7 @@ class MeteredKeepa:
         pays for at the learned cost per ASIN. Always >= 1 and never above the cap."""
         self._ensure_synced()
         state = self.ledger.state()
-        unit = max(unit_cost(self.ledger.conn, self.ledger.account, product_kind(offers)), 1e-6)
+        unit = max(self.ledger.unit_cost(product_kind(offers)), 1e-6)
         budget = state.balance if state.balance >= unit else max(state.balance, 0.0) + state.effective_rate
         most = min(limit, 100, math.floor(state.cap / unit))
         return max(1, min(math.floor(budget / unit), most))
@@ -158,13 +158,17 @@ class MeteredKeepa:
         )
 
     def _log_call_alone(self, record: CallRecord) -> None:
-        record.insert(self.ledger.conn, self.ledger.account)  # one INSERT: atomic on its own
+        # one INSERT, atomic on its own; in a transaction only for the ledger's BEGIN retries (its
+        # connection has busy_timeout = 0: a bare write would fail at once when another holds the lock)
+        with transaction(self.ledger.conn, spin=SPIN):
+            record.insert(self.ledger.conn, self.ledger.account)
 
     def _maybe_prune(self) -> None:
         now = self.clock.wall()
         if self._pruned_at is None or now - self._pruned_at > PRUNE_EVERY_S:
             self._pruned_at = now
-            calllog.prune(self.ledger.conn, now, self.call_log_days)
+            with transaction(self.ledger.conn, spin=SPIN):  # see _log_call_alone
+                calllog.prune(self.ledger.conn, now, self.call_log_days)
 
     def close(self) -> None:
         self.client.close()
@@ -196,6 +200,6 @@ def open_keepa(db_path, config: dict, worker: str, stop: threading.Event | None 
         connect_timeout_s=float(keepa.get("connect_timeout_s", 10.0)),
         read_timeout_s=float(keepa.get("read_timeout_s", 60.0)),
     )
-    ledger = Ledger(open_db(db_path), account_id(key), policy, clock)
+    ledger = Ledger(ledger_connection(db_path), account_id(key), policy, clock)
     days = float(section(config, "ledger").get("call_log_days", calllog.DEFAULT_RETENTION_DAYS))
     return MeteredKeepa(client, ledger, worker, stop=stop, clock=clock, call_log_days=days)

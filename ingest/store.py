@@ -10,6 +10,7 @@ import random
 import sqlite3
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
@@ -96,16 +97,102 @@ def is_busy(e: BaseException) -> bool:
     )
 
 
-@contextmanager
+@dataclass(frozen=True)
+class Spin:
+    """Retry BEGIN IMMEDIATE ourselves: short jittered sleeps growing from `first_s` to `max_s`,
+    for at most `budget_s` in all. Meant for a connection with busy_timeout = 0: SQLite's own
+    busy handler sleeps 1, 2, 5 ... 100 ms and is unfair (a waiter can starve for seconds while
+    another process re-takes the lock between its naps); sleeps of tens to hundreds of µs hand the
+    lock over within a few of the holder's transactions."""
+
+    first_s: float = 20e-6
+    max_s: float = 500e-6
+    growth: float = 1.5
+    budget_s: float = 10.0
+
+    def retry(self, attempt, what: str):
+        """Call `attempt()` until it does not raise SQLITE_BUSY, sleeping between tries."""
+        delay, deadline = self.first_s, None
+        while True:
+            try:
+                return attempt()
+            except sqlite3.OperationalError as e:
+                if not is_busy(e):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.budget_s
+                elif now >= deadline:
+                    raise StoreError(f"database stayed locked for {self.budget_s:g} s while trying to {what}") from None
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * self.growth, self.max_s)
+
+
+def retry_busy(spin: Spin, fn, *args):
+    """`fn(*args)` (a read outside a transaction) retried on SQLITE_BUSY, for busy_timeout = 0
+    connections: in WAL mode a read is refused only briefly (recovery, a closing last connection)."""
+    return spin.retry(lambda: fn(*args), "read")
+
+
+class _SpinTransaction:
+    """transaction(conn, spin=...): the same contract as the default, BEGIN retried by `spin`.
+    A class, not a generator: it is the ledger's hot path (microseconds count there)."""
+
+    __slots__ = ("conn", "spin")
+
+    def __init__(self, conn: sqlite3.Connection, spin: Spin):
+        self.conn, self.spin = conn, spin
+
+    def _begin(self):
+        return self.conn.execute("BEGIN IMMEDIATE")
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if not is_busy(e):
+                raise StoreError(f"cannot start a write transaction: {e}") from None
+            try:
+                self.spin.retry(self._begin, "start a write transaction")
+            except sqlite3.OperationalError as e2:
+                raise StoreError(f"cannot start a write transaction: {e2}") from None
+        return self.conn
+
+    def __exit__(self, kind, error, tb) -> bool:
+        conn = self.conn
+        if kind is None:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return False
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        if issubclass(kind, sqlite3.OperationalError):
+            raise StoreError(f"write transaction failed and was rolled back: {error}") from None
+        return False
+
+
 def transaction(
-    conn: sqlite3.Connection, *, attempts: int = BEGIN_ATTEMPTS, backoff_s: float = BEGIN_BACKOFF_S
-) -> Iterator[sqlite3.Connection]:
+    conn: sqlite3.Connection, *, attempts: int = BEGIN_ATTEMPTS, backoff_s: float = BEGIN_BACKOFF_S,
+    spin: Spin | None = None,
+):
     """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception).
 
     SQLITE_BUSY at BEGIN (after SQLite's own busy_timeout) is retried with jittered exponential
     backoff, `attempts` times in all, then raised as a StoreError. Once BEGIN IMMEDIATE returns we
     hold the write lock, so in WAL mode nothing later in the transaction waits for it.
+    With `spin`, BEGIN is retried by `spin` instead (short sleeps, bounded in time; see Spin).
     """
+    if spin is not None:
+        return _SpinTransaction(conn, spin)
+    return _transaction(conn, attempts, backoff_s)
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection, attempts: int, backoff_s: float) -> Iterator[sqlite3.Connection]:
     delay = backoff_s
     for attempt in range(1, attempts + 1):
         try:

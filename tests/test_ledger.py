@@ -7,7 +7,8 @@ import pytest
 
 from ingest.clock import FakeClock
 from ingest.keepa import Envelope
-from ingest.ledger import Account, CostAboveCap, Ledger, LedgerPolicy, NotSynced, Refusal, Reservation, Stopped
+from ingest.ledger import (Account, CostAboveCap, Ledger, LedgerPolicy, NotSynced, Refusal, Reservation, Stopped,
+                           open_reservations)
 from ingest.store import open_db
 
 NOW = 1_700_000_000.0
@@ -176,7 +177,7 @@ def test_crashed_holders_reservation_expires(ledger, clock):
     ledger.try_reserve(1, "u")
     a = ledger.load()
     assert a.in_flight == 1 and a.balance == 14
-    assert ledger.conn.execute("SELECT count(*) FROM token_reservations").fetchone()[0] == 1
+    assert [(h["count"], h["cost"]) for h in open_reservations(a, ledger.policy.reservation_ttl_s)] == [(1, 1)]
 
 
 # ---------------------------------------------------------------- 429
@@ -267,3 +268,41 @@ def test_call_log_keeps_n_days(ledger):
         CallRecord(at=NOW - age_days * 86400, worker="upsert", endpoint="deal").insert(ledger.conn, "acct")
     assert prune(ledger.conn, NOW, days=30) == 2
     assert sorted(round((NOW - r["at"]) / 86400) for r in recent(ledger.conn)) == [0, 29]
+
+
+# ---------------------------------------------------------------- holds and BEGIN retries
+
+def test_closing_a_reservation_twice_closes_it_once(ledger):
+    ledger.set_state(balance=20, refill_rate=5, next_tick=NOW + 30)
+    a, b = ledger.try_reserve(5, "u"), ledger.try_reserve(3, "u")
+    assert a.slot == b.slot  # one slot per process, worker and minute
+    ledger.release(a)
+    ledger.release(a)  # a second close of the same reservation must not close b
+    state = ledger.load()
+    assert (state.balance, state.in_flight) == (17, 3)
+    assert [(h["count"], h["cost"]) for h in open_reservations(state, 600)] == [(1, 3)]
+
+
+def test_spin_transaction_waits_for_the_lock_and_gives_up_after_its_budget(db_path):
+    import sqlite3
+    import threading
+
+    from ingest.errors import StoreError
+    from ingest.ledger import ledger_connection
+    from ingest.store import Spin, connect, transaction
+
+    holder, waiter = connect(db_path), ledger_connection(db_path)
+    holder.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.2, lambda: holder.execute("COMMIT")).start()
+    with transaction(waiter, spin=Spin(budget_s=5)):  # busy_timeout 0: our retries do the waiting
+        waiter.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StoreError, match="stayed locked"):
+        with transaction(waiter, spin=Spin(budget_s=0.05)):
+            pass
+    holder.execute("ROLLBACK")
+    assert not waiter.in_transaction
+    with pytest.raises(sqlite3.OperationalError):  # a bare write on it fails at once: no busy handler
+        holder.execute("BEGIN IMMEDIATE")
+        waiter.execute("INSERT INTO t VALUES (1)")
+    holder.execute("ROLLBACK")

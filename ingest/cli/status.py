@@ -24,14 +24,13 @@ MARKS = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
 
 
 def _tokens(conn, now: float) -> list[dict]:
-    from ..ledger import Account
+    from ..ledger import Account, LedgerPolicy, open_reservations
 
     out = []
     for row in conn.execute("SELECT * FROM token_accounts ORDER BY account"):
         a = Account(**dict(row)).projected(now)
-        reservations = conn.execute(
-            "SELECT count(*) FROM token_reservations WHERE account = ? AND expires_at >= ?", (a.account, now)
-        ).fetchone()[0]
+        held = open_reservations(a, LedgerPolicy().reservation_ttl_s)
+        reservations = sum(h["count"] for h in held if h["expires_at"] >= now)
         out.append({
             "account": a.account, "balance": round(a.server_balance, 1), "available": round(a.balance, 1),
             "in_flight": a.in_flight, "cap": a.cap, "refill_rate": a.refill_rate,

@@ -9,7 +9,7 @@ import click
 
 from .. import calllog
 from ..keepa import KeepaError
-from ..ledger import Account, Ledger, LedgerPolicy, account_id
+from ..ledger import Account, Ledger, LedgerPolicy, account_id, open_reservations
 from ..metered import open_keepa
 from ..token_costs import learned
 
@@ -54,16 +54,13 @@ def ledger_report(conn, config: dict, now: float | None = None) -> dict:
         return report
     a: Account = stored.projected(now)
     after_tick = min(a.server_balance + a.effective_rate, a.cap)
-    reservations = conn.execute(
-        "SELECT id, worker, kind, cost, created_at, expires_at, pid FROM token_reservations WHERE account = ? ORDER BY id",
-        (name,),
-    ).fetchall()
+    reservations = open_reservations(a, policy.reservation_ttl_s)  # one entry per process, worker and minute
     report.update(
         balance=round(a.server_balance, 2), available=round(a.balance, 2), projected_after_next_tick=round(after_tick, 2),
         refill_rate=a.refill_rate, flow_reduction=a.flow_reduction, cap=a.cap, next_tick=_iso(a.next_tick),
         blocked_until=_iso(a.blocked_until) if a.blocked_until and a.blocked_until > now else None,
         synced_at=_iso(a.synced_at), stale=a.synced_at is None or now - a.synced_at > policy.stale_after_s,
-        in_flight=a.in_flight, reservations=[dict(r) for r in reservations], rate_limited_total=a.rate_limited,
+        in_flight=a.in_flight, reservations=reservations, rate_limited_total=a.rate_limited,
         costs=learned(conn, name), workers=a.workers,
     )
     return report
@@ -82,10 +79,10 @@ def _print_report(r: dict, now: float) -> None:
     echo(f"blocked until  {r['blocked_until'] or '-'}")
     echo(f"last sync      {r['synced_at'] or '-'}")
     echo(f"429s           {r['rate_limited_total']} in all, {r['rate_limited_last_day']} in the last day")
-    echo(f"reservations   {len(r['reservations'])} open")
+    echo(f"reservations   {sum(res['count'] for res in r['reservations'])} open")
     for res in r["reservations"][:20]:
-        echo(f"  #{res['id']} {res['worker']} {res['kind']} {res['cost']:g} tokens, pid {res['pid']}, "
-             f"since {now - res['created_at']:.0f}s")
+        echo(f"  {res['worker']} pid {res['pid']}: {res['count']} for {res['cost']:g} tokens, "
+             f"newest {now - res['last_at']:.0f}s ago")
     for label, key in (("spend 1h", "last_hour"), ("spend 24h", "last_day")):
         rows = r["spend"][key]
         text = ", ".join(f"{w} {v['tokens']} tokens/{v['calls']} calls" for w, v in sorted(rows.items())) or "-"
