@@ -32,6 +32,7 @@ from .token_costs import estimate_cost, learn_cost, unit_cost
 SPIN = Spin(first_s=100e-6, max_s=2e-3)  # bench/ledger.py --spin: fewer wake-ups than 20-500 µs, as fair in p99
 
 TICK_S = 60.0
+HUNGRY_S = 65.0  # a worker refused this recently wants more than it gets: tokens are scarce
 _JSON = json.JSONEncoder(separators=(",", ":"))
 
 
@@ -427,8 +428,8 @@ class Ledger:
             refusal = self._refusal(account, cost, worker, now)
             if refusal is None:
                 slot = self._hold(account, worker, cost, now)
-            elif waiting:
-                self._mark_waiting(account, worker, cost, now)
+            else:
+                self._mark_refused(account, worker, cost, now, waiting)
             self._store_hot(account)
         self._committed()
         if refusal is not None:
@@ -456,14 +457,14 @@ class Ledger:
             if wait is None:
                 return Refusal(self.policy.max_wait_s, "unreachable")
             return Refusal(wait + self.policy.tick_margin_s, "tokens")
-        holder = self._held_by(account, worker, now)
+        holder = self._held_by(account, worker, now, cost)
         if holder is not None:
             return Refusal(self.policy.min_wait_s, f"share:{holder}")
         return None
 
     # ------------------------------------------------------------------ sharing
 
-    def _held_by(self, account: Account, worker: str, now: float) -> str | None:
+    def _held_by(self, account: Account, worker: str, now: float, cost: float = 0.0) -> str | None:
         """Which busy worker should get the tokens before `worker`, if any.
 
         While several workers are busy (waiting, or reserved within busy_window_s), a worker below
@@ -480,6 +481,15 @@ class Ledger:
                 busy[name] = self._decayed(w.get("spent", 0.0), w.get("at", now), now)
         busy.setdefault(worker, 0.0)
         if len(busy) < 2:
+            return None
+        # Sharing orders who goes first only while tokens are scarce: when another busy worker
+        # was refused within the last minute (it wants more than it gets). Otherwise, if what is
+        # left still covers the others' next calls, holding this one back would only leave
+        # tokens idle (backfill once waited 74 s behind a lightly loaded upsert with thousands
+        # of tokens in the bucket).
+        others = [account.workers[name] for name in busy if name != worker]
+        hungry = any(now - (w.get("refused") or float("-inf")) < HUNGRY_S for w in others)
+        if not hungry and account.balance - cost >= sum(_next_cost(w) for w in others):
             return None
         total = sum(busy.values())
         share = {name: (spent / total if total > 0 else 0.0) for name, spent in busy.items()}
@@ -519,17 +529,24 @@ class Ledger:
     def _record_spend(self, account: Account, worker: str, amount: float, now: float, *, reserved: bool = False) -> None:
         old = account.workers.get(worker)
         spent = self._decayed(old.get("spent", 0.0), old.get("at", now), now) if old else 0.0
-        if reserved:
-            account.workers[worker] = {"spent": max(spent + amount, 0.0), "at": now, "last": now}
+        if reserved:  # last_cost: what it is likely to ask for next; refused: when (see _held_by)
+            account.workers[worker] = {"spent": max(spent + amount, 0.0), "at": now, "last": now,
+                                       "last_cost": amount}
+            if old and old.get("refused") is not None:
+                account.workers[worker]["refused"] = old["refused"]
         else:
             account.workers[worker] = {**(old or {}), "spent": max(spent + amount, 0.0), "at": now}
 
-    def _mark_waiting(self, account: Account, worker: str, cost: float, now: float) -> None:
+    def _mark_refused(self, account: Account, worker: str, cost: float, now: float, waiting: bool) -> None:
+        """Remember the refusal (a refused worker is hungry: see _held_by) and, for reserve(),
+        that the worker waits for `cost`."""
         w = dict(account.workers.get(worker) or {"spent": 0.0, "at": now})
-        if w.get("waiting") is None:
-            w["waiting"] = now
-        w["seen"] = now
-        w["cost"] = cost
+        w["refused"] = now
+        if waiting:
+            if w.get("waiting") is None:
+                w["waiting"] = now
+            w["seen"] = now
+            w["cost"] = cost
         account.workers[worker] = w
 
     def _clear_waiting(self, worker: str) -> None:
@@ -633,3 +650,8 @@ class Ledger:
             self._store(Account(self.account, balance, 0.0, now, refill_rate, flow_reduction, next_tick, None,
                                 now if synced_at is None else synced_at, old.token_synced_at if old else None,
                                 blocked_until, old.rate_limited if old else 0))
+
+
+def _next_cost(state: dict) -> float:
+    """A busy worker's next call: what it waits for, else what it reserved last."""
+    return float(state.get("cost") or state.get("last_cost") or 0.0)

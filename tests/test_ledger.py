@@ -250,6 +250,29 @@ def test_both_busy_backfill_gets_its_minimum_share_upsert_the_rest(ledger, clock
     assert sum(got.values()) >= 0.97 * 300 * 10  # and the tokens are used, not held back
 
 
+def test_sharing_holds_a_worker_back_only_when_tokens_are_scarce(ledger, clock):
+    """Found by the chaos run: backfill, past its minimum share, waited 74 s behind upsert's
+    priority with thousands of tokens in the bucket. Sharing only orders who goes first when
+    what is left would not cover the other busy worker's next call."""
+    ledger.set_state(balance=0, refill_rate=300, next_tick=NOW + 1)
+    drain(ledger, clock, ["backfill"], rounds=60)  # backfill has had all the recent spend
+
+    def server_says(left):  # a server envelope resets the balance and keeps the sharing state
+        clock.advance(1)
+        ledger.sync(env(left, refill_in_s=50, rate=300, at=clock.wall()))
+
+    server_says(2000)
+    for worker, cost in (("upsert", 50), ("backfill", 34)):  # plenty for both: neither is held
+        reservation = ledger.try_reserve(cost, worker, "call")
+        assert isinstance(reservation, Reservation)
+        ledger.settle(reservation, None)
+    server_says(40)
+    assert ledger.try_reserve(50, "upsert", "deal", waiting=True).reason == "tokens"  # upsert wants more
+    server_says(60)
+    assert ledger.try_reserve(34, "backfill", "product").reason == "share:upsert"  # scarce: upsert first
+    assert isinstance(ledger.try_reserve(50, "upsert", "deal", waiting=True), Reservation)
+
+
 def test_an_idle_workers_share_flows_to_the_other(ledger, clock):
     ledger.set_state(balance=0, refill_rate=300, next_tick=NOW + 1)
     drain(ledger, clock, ["upsert", "backfill"], rounds=120)
