@@ -200,3 +200,25 @@ def test_lease_lost_while_waiting_for_tokens_exits_5_not_0(tmp_path, db_path):
         stop(proc)
         simulator.stop()
     assert scalar(db_path, "SELECT state FROM worker_progress WHERE worker = 'backfill'") == "lost"
+
+
+def test_upsert_starts_at_the_newest_deal_and_stores_what_comes_after(tmp_path, db_path):
+    """The first poll only sets the watermark (the listed deals are backfill's: buying them in
+    both workers would pay twice); deals updated after it are stored, oldest first."""
+    sim = Simulator(SimConfig(port=0, refill_rate=6000, seed=7, products=1200, deal_cache_s=0.5,
+                              deal_update_per_min=600))
+    sim.start()
+    env = worker_env(sim.url, db_path, write_config(tmp_path))
+    upsert = start_worker("upsert", env)
+    try:
+        first = wait_for(lambda: checkpoint(db_path, "upsert") if scalar(db_path, "SELECT 1 FROM checkpoints WHERE name='upsert'") else None,
+                         30, what="the first poll")
+        assert first["watermark"] is not None and first["pending"] == []
+        assert scalar(db_path, "SELECT count(*) FROM deals") == 0
+        wait_for(lambda: scalar(db_path, "SELECT count(*) FROM deals"), 60, interval=0.5, what="an updated deal")
+    finally:
+        code = stop(upsert)
+        sim.stop()
+    assert code == 0
+    assert scalar(db_path, "SELECT min(deal_last_update) FROM deals") >= first["watermark"]
+    assert checkpoint(db_path, "upsert")["watermark"] >= scalar(db_path, "SELECT max(deal_last_update) FROM deals")

@@ -15,6 +15,7 @@ fetched for `refresh_after_s`; the janitor (janitor.py) runs here every `janitor
 import logging
 
 from .. import deals as store_deals
+from ..errors import ConfigError
 from ..query import load_query, page_selection
 from . import janitor
 from .backfill import PAGE_SIZE
@@ -66,11 +67,14 @@ class UpsertWorker(Worker):
         self.max_pages = int(section.get("max_pages", 3))
         self.refresh_after_s = float(section.get("refresh_after_s", 24 * 3600))
         self.min_spare_batch = int(section.get("min_spare_batch", 20))
+        self.start_from = section.get("start_from", "now")
         self.janitor = janitor.JanitorSettings.from_config(self.config)
         self._next_janitor_at = 0.0
         self._polls = 0
 
     def setup(self) -> None:
+        if self.start_from not in ("now", "listed"):
+            raise ConfigError(f"[upsert] start_from must be \"now\" or \"listed\" (got {self.start_from!r})")
         query, source = load_query(self.query_option, self.config)
         self.query = {**query, "sortType": 1}
         log.info("deal query from %s, newest first", source)
@@ -103,7 +107,11 @@ class UpsertWorker(Worker):
         watermark = checkpoint["watermark"]
         deals: list[dict] = []
         pages = 0
-        for page_number in range(self.max_pages):
+        # The first poll only sets the watermark (unless [upsert] start_from = "listed"): the deals
+        # listed now are backfill's to store, and buying them here too, while backfill pages
+        # through the same newest-first results, would pay for each product twice.
+        starting = watermark is None and self.start_from == "now"
+        for page_number in range(1 if starting else self.max_pages):
             page = self.keepa.deals(page_selection(self.query, page_number), page_number)
             self._count_tokens(page.envelope)
             pages += 1
@@ -112,6 +120,11 @@ class UpsertWorker(Worker):
             if len(page.deals) < PAGE_SIZE or (watermark is not None and stamps and min(stamps) <= watermark):
                 break
         fresh = new_listings(deals, watermark, set(checkpoint["at_watermark"]))
+        if starting:
+            advance_watermark(checkpoint, fresh)
+            log.info("first poll: watermark set at the newest listed deal (%s); older deals are backfill's",
+                     checkpoint["watermark"])
+            fresh = []
         checkpoint["pending"] = [l.to_json() for l in fresh]
         checkpoint["next_poll_at"] = self.clock.wall() + self.poll_s
         self._polls += 1
