@@ -1,15 +1,17 @@
 """The token ledger: one row per Keepa account in SQLite, shared by every process that calls Keepa.
 
-Model (docs/tokens.md): the server balance S gains `rate` tokens at each minute tick, capped at
-60 x rate; a call runs when S > 0 and may take it negative; at S <= 0 the server answers 429.
-The row stores `balance` = S minus `in_flight` (the sum of open reservations), so a reservation
-moves tokens from `balance` to `in_flight` and S is unchanged until the server charges.
+The model (Keepa's bucket, the `Account` row and its projection, the policy, the records) is
+ingest/token_model.py; who goes first while tokens are scarce is ingest/sharing.py. This module
+is the row's I/O and the operations on it: reserve / try_reserve, settle, release, rate_limited,
+sync. A reservation moves tokens from `balance` to `in_flight`; the server balance S is
+unchanged until the server charges.
 
 Every read-then-write is one `BEGIN IMMEDIATE` transaction (store.transaction): two processes can
 never both see the same tokens. Open reservations live in the same row (`holds`: per process,
 worker and minute, a count, a cost and the newest reservation's time), so a reservation reads and
 writes one row, one page. BEGIN is retried by the ledger itself with short jittered sleeps
-(store.Spin) on a busy_timeout = 0 connection (ledger_connection): fair under contention. Each server envelope resets S (the server is the authority):
+(store.Spin) on a busy_timeout = 0 connection (ledger_connection): fair under contention.
+Each server envelope resets S (the server is the authority):
 balance = tokensLeft - in_flight of the reservations still open. When another process's call was
 already charged but not yet settled, that under-counts the balance by its cost until it settles:
 the error is always on the side of waiting, never of a 429.
@@ -20,19 +22,19 @@ import json
 import math
 import os
 import threading
-from dataclasses import dataclass, field
 
 from .clock import SYSTEM_CLOCK
-from .config import section
-from .errors import ConfigError, IngestError
+from .errors import IngestError
 from .procinfo import start_time
+from .sharing import HUNGRY_S, clear_waiting, held_by, mark_refused, record_spend  # noqa: F401
 from .store import Spin, open_db, retry_busy, transaction
 from .token_costs import estimate_cost, learn_cost, unit_cost
+# The model, re-exported: callers import it from ingest.ledger.
+from .token_model import (CAP_MINUTES, TICK_S, Account, LedgerPolicy, Refusal, Reservation,  # noqa: F401
+                          WorkerPolicy, account_id, open_reservations, updated)
 
 SPIN = Spin(first_s=100e-6, max_s=2e-3)  # bench/ledger.py --spin: fewer wake-ups than 20-500 µs, as fair in p99
 
-TICK_S = 60.0
-HUNGRY_S = 65.0  # a worker refused this recently wants more than it gets: tokens are scarce
 _JSON = json.JSONEncoder(separators=(",", ":"))
 
 
@@ -48,7 +50,6 @@ def _compact_encoder():
 
 _encode = _compact_encoder()
 PURGE_EVERY_S = 5.0
-CAP_MINUTES = 60
 CHECKPOINT_EVERY = 1000  # commits, on a connection without autocheckpoint (ledger_connection)
 SLOT_S = 60.0  # reservations of one process and worker share a slot per minute (bounds a slot's life)
 _IDS = itertools.count(1)
@@ -65,133 +66,6 @@ class CostAboveCap(IngestError):
 
 class NotSynced(IngestError):
     """The ledger has no state for this account yet: sync with the server first."""
-
-
-@dataclass(frozen=True)
-class WorkerPolicy:
-    priority: int = 0       # higher goes first while both are busy
-    min_share: float = 0.0  # fraction of recent spend guaranteed while both are busy
-
-
-def _default_workers():
-    return {"upsert": WorkerPolicy(priority=1, min_share=0.0), "backfill": WorkerPolicy(priority=0, min_share=0.30)}
-
-
-@dataclass(frozen=True)
-class LedgerPolicy:
-    workers: dict = field(default_factory=_default_workers)
-    allow_deficit: bool = False       # admit a call costing more than the balance while it is > 0
-    min_wait_s: float = 1.0           # never re-check sooner (no busy loops)
-    max_wait_s: float = 45.0          # never sleep longer without re-checking
-    tick_margin_s: float = 0.25       # wake this long after a projected tick
-    busy_window_s: float = 10.0       # reserved this recently = busy, for sharing
-    waiter_stale_s: float = 150.0     # a waiter silent this long (crashed) is ignored
-    share_half_life_s: float = 600.0  # decay of the per-worker spend used for shares
-    reservation_ttl_s: float = 600.0  # an unsettled reservation (crashed holder) is dropped after
-    stale_after_s: float = 600.0      # no envelope for this long: resync with a free /token call
-    token_sync_every_s: float = 60.0  # at most one /token call per account per this
-
-    def worker(self, name: str) -> WorkerPolicy:
-        return self.workers.get(name, WorkerPolicy())
-
-    @classmethod
-    def from_config(cls, config: dict) -> "LedgerPolicy":
-        """[ledger] keys mirror the fields; [ledger.workers.NAME] priority / min_share."""
-        raw = dict(section(config, "ledger"))
-        workers = _default_workers()
-        for name, spec in (raw.pop("workers", None) or {}).items():
-            if not isinstance(spec, dict):
-                raise ConfigError(f"[ledger.workers.{name}] must be a table")
-            workers[name] = WorkerPolicy(int(spec.get("priority", 0)), float(spec.get("min_share", 0.0)))
-        known = set(cls.__dataclass_fields__) - {"workers"}
-        unknown = set(raw) - known - {"call_log_days"}
-        if unknown:
-            raise ConfigError(f"unknown [ledger] setting(s): {', '.join(sorted(unknown))}")
-        values = {k: (bool(v) if k == "allow_deficit" else float(v)) for k, v in raw.items() if k in known}
-        return cls(workers=workers, **values)
-
-
-@dataclass
-class Account:
-    """One ledger row, projected to `as_of`."""
-
-    account: str
-    balance: float          # server balance minus in_flight
-    in_flight: float
-    as_of: float
-    refill_rate: float
-    flow_reduction: float
-    next_tick: float
-    server_ts: float | None
-    synced_at: float | None
-    token_synced_at: float | None
-    blocked_until: float | None
-    rate_limited: int
-    workers: dict = field(default_factory=dict)  # sharing state: {worker: {spent, at, last, waiting, seen, cost}}
-    holds: dict = field(default_factory=dict)    # open reservations: {slot: [count, cost, newest at]}
-
-    def __post_init__(self):
-        if isinstance(self.workers, str):  # as stored
-            self.workers = json.loads(self.workers or "{}")
-        if isinstance(self.holds, str):
-            self.holds = json.loads(self.holds or "{}")
-
-    @property
-    def cap(self) -> float:
-        return CAP_MINUTES * self.refill_rate
-
-    @property
-    def server_balance(self) -> float:
-        return self.balance + self.in_flight
-
-    @property
-    def effective_rate(self) -> float:
-        return max(self.refill_rate - self.flow_reduction, 0.0)
-
-    def projected(self, now: float) -> "Account":
-        """Apply the refill ticks due by `now` (Keepa's model: + rate per tick, capped)."""
-        if now < self.next_tick:
-            return self
-        ticks = int((now - self.next_tick) // TICK_S) + 1
-        server = min(self.server_balance + ticks * self.effective_rate, max(self.cap, 0.0))
-        return _replace(self, balance=server - self.in_flight, next_tick=self.next_tick + ticks * TICK_S, as_of=now)
-
-    def time_until_available(self, amount: float, now: float) -> float | None:
-        """Seconds until `balance` >= amount with no further spending; None if never (no refill,
-        or the cap with today's in-flight is too small)."""
-        if self.balance >= amount:
-            return 0.0
-        rate = self.effective_rate
-        if rate <= 0 or amount + self.in_flight > self.cap:
-            return None
-        ticks = math.ceil((amount - self.balance) / rate)
-        return max(self.next_tick + (ticks - 1) * TICK_S - now, 0.0)
-
-
-def _replace(account: Account, **changes) -> Account:
-    # the workers and holds dicts are shared on purpose: one Account's life is one transaction
-    return Account(**{**account.__dict__, **changes})
-
-
-def open_reservations(account: Account, ttl_s: float) -> list[dict]:
-    """The open reservations, one entry per slot (process, worker, minute), oldest slot first."""
-    out = []
-    for slot, (count, cost, newest) in sorted(account.holds.items(), key=lambda kv: kv[1][2]):
-        holder, _, worker = slot.split(":", 2)
-        out.append({"worker": worker, "pid": int(holder.split(".")[0]), "count": count, "cost": cost,
-                    "last_at": newest, "expires_at": newest + ttl_s})
-    return out
-
-
-@dataclass(frozen=True)
-class Reservation:
-    id: int
-    account: str
-    worker: str
-    kind: str
-    cost: float
-    units: int = 0
-    slot: str = ""  # its entry in the account's holds
 
 
 class _JsonCache:
@@ -215,12 +89,6 @@ class _JsonCache:
         return text
 
 
-@dataclass(frozen=True)
-class Refusal:
-    wait_s: float
-    reason: str   # blocked | tokens | share | unreachable
-
-
 def ledger_connection(db_path):
     """A connection for a Ledger of its own (what open_keepa uses): migrated, busy_timeout = 0,
     so the ledger's own retries (SPIN) decide how long and how fairly to wait for the lock; and
@@ -241,13 +109,6 @@ def _holder() -> str:
     return f"{pid}.{start_time(pid) or 0}"  # the start time tells a reused pid from the old process
 
 
-def account_id(api_key: str) -> str:
-    """A fingerprint of the key: identifies the account without storing the key."""
-    import hashlib
-
-    return "k" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
-
-
 class Ledger:
     def __init__(self, conn, account: str, policy: LedgerPolicy | None = None, clock=SYSTEM_CLOCK):
         self.conn = conn
@@ -257,7 +118,6 @@ class Ledger:
         self._next_purge = float("-inf")
         self._holder = _holder()
         self._workers_json, self._holds_json = _JsonCache(), _JsonCache()
-        self._policies = {}
         autocheckpoint = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
         self._commits_left = CHECKPOINT_EVERY if autocheckpoint <= 0 else None  # None: SQLite checkpoints
 
@@ -323,7 +183,7 @@ class Ledger:
         with transaction(self.conn, spin=SPIN):
             account = self._apply(self._load_for_update(), envelope)
             if from_token_call:
-                account = _replace(account, token_synced_at=self.clock.wall())
+                account = updated(account, token_synced_at=self.clock.wall())
             self._store(account)
         return account
 
@@ -358,7 +218,7 @@ class Ledger:
             return account  # an older response arriving late: a newer one was applied already
         # refillIn is relative to the server's answer; counting from our receipt errs late (safe).
         next_tick = (envelope.received_at or now) + envelope.refill_in_s
-        account = _replace(
+        account = updated(
             account,
             balance=envelope.tokens_left - account.in_flight,
             refill_rate=float(envelope.refill_rate),
@@ -369,7 +229,7 @@ class Ledger:
             synced_at=now,
         )
         if account.blocked_until is not None and envelope.status != 429 and envelope.tokens_left > 0:
-            account = _replace(account, blocked_until=None)
+            account = updated(account, blocked_until=None)
         return account.projected(now)
 
     _COLUMNS = ("balance", "in_flight", "as_of", "refill_rate", "flow_reduction", "next_tick", "server_ts",
@@ -429,7 +289,7 @@ class Ledger:
             if refusal is None:
                 slot = self._hold(account, worker, cost, now)
             else:
-                self._mark_refused(account, worker, cost, now, waiting)
+                mark_refused(account.workers, worker, cost, now, waiting)
             self._store_hot(account)
         self._committed()
         if refusal is not None:
@@ -445,7 +305,7 @@ class Ledger:
         slot = f"{self._holder}:{int(now // SLOT_S)}:{worker}"
         held = account.holds.get(slot)
         account.holds[slot] = [held[0] + 1, held[1] + cost, now] if held else [1, cost, now]
-        self._record_spend(account, worker, cost, now, reserved=True)
+        record_spend(account.workers, worker, cost, now, self.policy, reserved=True)
         return slot
 
     def _refusal(self, account: Account, cost: float, worker: str, now: float) -> Refusal | None:
@@ -457,105 +317,16 @@ class Ledger:
             if wait is None:
                 return Refusal(self.policy.max_wait_s, "unreachable")
             return Refusal(wait + self.policy.tick_margin_s, "tokens")
-        holder = self._held_by(account, worker, now, cost)
+        holder = held_by(account.workers, worker, now, cost, account.balance, self.policy)
         if holder is not None:
             return Refusal(self.policy.min_wait_s, f"share:{holder}")
         return None
-
-    # ------------------------------------------------------------------ sharing
-
-    def _held_by(self, account: Account, worker: str, now: float, cost: float = 0.0) -> str | None:
-        """Which busy worker should get the tokens before `worker`, if any.
-
-        While several workers are busy (waiting, or reserved within busy_window_s), a worker below
-        its minimum share of the recent (decayed) spend goes first, then higher priority. An idle
-        worker holds nobody back, so its share flows to the others.
-        """
-        if not self._may_be_held(account, worker):
-            return None
-        busy = {}
-        for name, w in account.workers.items():
-            waiting = w.get("waiting") is not None and now - (w.get("seen") or 0) < self.policy.waiter_stale_s
-            recent = w.get("last") is not None and now - w["last"] < self.policy.busy_window_s
-            if name == worker or waiting or recent:
-                busy[name] = self._decayed(w.get("spent", 0.0), w.get("at", now), now)
-        busy.setdefault(worker, 0.0)
-        if len(busy) < 2:
-            return None
-        # Sharing orders who goes first only while tokens are scarce: when another busy worker
-        # was refused within the last minute (it wants more than it gets). Otherwise, if what is
-        # left still covers the others' next calls, holding this one back would only leave
-        # tokens idle (backfill once waited 74 s behind a lightly loaded upsert with thousands
-        # of tokens in the bucket).
-        others = [account.workers[name] for name in busy if name != worker]
-        hungry = any(now - (w.get("refused") or float("-inf")) < HUNGRY_S for w in others)
-        if not hungry and account.balance - cost >= sum(_next_cost(w) for w in others):
-            return None
-        total = sum(busy.values())
-        share = {name: (spent / total if total > 0 else 0.0) for name, spent in busy.items()}
-        policy = self.policy.worker(worker)
-        if share[worker] < policy.min_share:
-            return None  # owed: nobody holds it back
-        for other in sorted(busy):
-            if other == worker:
-                continue
-            theirs = self.policy.worker(other)
-            if share[other] < theirs.min_share or theirs.priority > policy.priority:
-                return other
-        return None
-
-    def _policy(self, worker: str) -> WorkerPolicy:
-        policy = self._policies.get(worker)
-        if policy is None:
-            policy = self._policies[worker] = self.policy.worker(worker)
-        return policy
-
-    def _may_be_held(self, account: Account, worker: str) -> bool:
-        """Only a worker with a minimum share or a higher priority can hold `worker` back; with
-        none among the others, the shares need not be computed (the common case, and hot)."""
-        mine = self._policy(worker).priority
-        for name in account.workers:
-            if name != worker:
-                other = self._policy(name)
-                if other.min_share > 0 or other.priority > mine:
-                    return True
-        return False
-
-    def _decayed(self, spent: float, spent_at: float, now: float) -> float:
-        return spent * 0.5 ** (max(now - spent_at, 0.0) / self.policy.share_half_life_s)
-
-    # The per-worker dicts are replaced, never changed in place: _JsonCache shares them.
-
-    def _record_spend(self, account: Account, worker: str, amount: float, now: float, *, reserved: bool = False) -> None:
-        old = account.workers.get(worker)
-        spent = self._decayed(old.get("spent", 0.0), old.get("at", now), now) if old else 0.0
-        if reserved:  # last_cost: what it is likely to ask for next; refused: when (see _held_by)
-            account.workers[worker] = {"spent": max(spent + amount, 0.0), "at": now, "last": now,
-                                       "last_cost": amount}
-            if old and old.get("refused") is not None:
-                account.workers[worker]["refused"] = old["refused"]
-        else:
-            account.workers[worker] = {**(old or {}), "spent": max(spent + amount, 0.0), "at": now}
-
-    def _mark_refused(self, account: Account, worker: str, cost: float, now: float, waiting: bool) -> None:
-        """Remember the refusal (a refused worker is hungry: see _held_by) and, for reserve(),
-        that the worker waits for `cost`."""
-        w = dict(account.workers.get(worker) or {"spent": 0.0, "at": now})
-        w["refused"] = now
-        if waiting:
-            if w.get("waiting") is None:
-                w["waiting"] = now
-            w["seen"] = now
-            w["cost"] = cost
-        account.workers[worker] = w
 
     def _clear_waiting(self, worker: str) -> None:
         try:
             with transaction(self.conn, spin=SPIN):
                 account = self.load()
-                if account is not None and worker in account.workers:
-                    account.workers[worker] = {k: v for k, v in account.workers[worker].items()
-                                               if k not in ("waiting", "seen", "cost")}
+                if account is not None and clear_waiting(account.workers, worker):
                     self._store(account)
         except Exception:  # best effort: a stale waiter is ignored after waiter_stale_s anyway
             pass
@@ -576,10 +347,10 @@ class Ledger:
             account = self._close(account, reservation, refund=late)
             consumed = envelope.tokens_consumed if envelope is not None else None
             if consumed is not None and not (envelope and envelope.complete):
-                account = _replace(account, balance=account.balance + reservation.cost - consumed)
+                account = updated(account, balance=account.balance + reservation.cost - consumed)
             account = self._apply(account, envelope)
             if consumed is not None:
-                self._record_spend(account, reservation.worker, consumed - reservation.cost, now)
+                record_spend(account.workers, reservation.worker, consumed - reservation.cost, now, self.policy)
                 if reservation.units and envelope.status == 200:
                     learn_cost(self.conn, self.account, reservation.kind, consumed / reservation.units, now)
             self._store(account)
@@ -593,7 +364,7 @@ class Ledger:
         """The call was never made (stopped before sending): give the tokens back."""
         with transaction(self.conn, spin=SPIN):
             account = self._close(self._load_for_update(), reservation, refund=True)
-            self._record_spend(account, reservation.worker, -reservation.cost, self.clock.wall())
+            record_spend(account.workers, reservation.worker, -reservation.cost, self.clock.wall(), self.policy)
             self._store(account)
         _OPEN.discard(reservation.id)
         self._committed()
@@ -604,7 +375,7 @@ class Ledger:
         now = self.clock.wall()
         with transaction(self.conn, spin=SPIN):
             account = self._close(self._load_for_update(now), reservation, refund=True)
-            self._record_spend(account, reservation.worker, -reservation.cost, now)
+            record_spend(account.workers, reservation.worker, -reservation.cost, now, self.policy)
             account = self._apply(account, envelope)
             left = envelope.tokens_left if envelope is not None and envelope.complete else min(account.server_balance, 0)
             rate = account.effective_rate
@@ -613,7 +384,7 @@ class Ledger:
                 until = account.next_tick + (ticks - 1) * TICK_S + self.policy.tick_margin_s
             else:
                 until = now + TICK_S
-            account = _replace(account, blocked_until=max(until, now + self.policy.min_wait_s),
+            account = updated(account, blocked_until=max(until, now + self.policy.min_wait_s),
                                rate_limited=account.rate_limited + 1)
             self._store(account)
             if call is not None:
@@ -634,9 +405,9 @@ class Ledger:
                 del account.holds[reservation.slot]
             else:
                 account.holds[reservation.slot] = [count, max(cost, 0.0), held[2]]
-            account = _replace(account, in_flight=max(account.in_flight - reservation.cost, 0.0))
+            account = updated(account, in_flight=max(account.in_flight - reservation.cost, 0.0))
             if refund:
-                account = _replace(account, balance=account.balance + reservation.cost)
+                account = updated(account, balance=account.balance + reservation.cost)
         return account
 
     # ------------------------------------------------------------------ test and bench helpers
@@ -652,6 +423,3 @@ class Ledger:
                                 blocked_until, old.rate_limited if old else 0))
 
 
-def _next_cost(state: dict) -> float:
-    """A busy worker's next call: what it waits for, else what it reserved last."""
-    return float(state.get("cost") or state.get("last_cost") or 0.0)

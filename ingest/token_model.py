@@ -1,0 +1,161 @@
+"""The token model: what the ledger stores and projects, with no SQLite in it (docs/tokens.md).
+
+Keepa's bucket: the server balance S gains `rate` tokens at each minute tick, capped at 60 x rate;
+a call runs when S > 0 and may take it negative; at S <= 0 the server answers 429. An `Account`
+is one ledger row: `balance` = S minus `in_flight` (the sum of open reservations), projected to a
+time by `projected()`. `LedgerPolicy` holds the ledger's settings ([ledger] in the config),
+`Reservation` and `Refusal` are what an attempt to reserve returns. The ledger itself (row I/O,
+transactions, sharing) is ingest/ledger.py.
+"""
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+from .config import section
+from .errors import ConfigError
+
+TICK_S = 60.0
+CAP_MINUTES = 60
+
+
+@dataclass(frozen=True)
+class WorkerPolicy:
+    priority: int = 0       # higher goes first while both are busy
+    min_share: float = 0.0  # fraction of recent spend guaranteed while both are busy
+
+
+_NO_POLICY = WorkerPolicy()  # an unnamed worker's: shared (frozen), not built per lookup
+
+
+def _default_workers():
+    return {"upsert": WorkerPolicy(priority=1, min_share=0.0), "backfill": WorkerPolicy(priority=0, min_share=0.30)}
+
+
+@dataclass(frozen=True)
+class LedgerPolicy:
+    workers: dict = field(default_factory=_default_workers)
+    allow_deficit: bool = False       # admit a call costing more than the balance while it is > 0
+    min_wait_s: float = 1.0           # never re-check sooner (no busy loops)
+    max_wait_s: float = 45.0          # never sleep longer without re-checking
+    tick_margin_s: float = 0.25       # wake this long after a projected tick
+    busy_window_s: float = 10.0       # reserved this recently = busy, for sharing
+    waiter_stale_s: float = 150.0     # a waiter silent this long (crashed) is ignored
+    share_half_life_s: float = 600.0  # decay of the per-worker spend used for shares
+    reservation_ttl_s: float = 600.0  # an unsettled reservation (crashed holder) is dropped after
+    stale_after_s: float = 600.0      # no envelope for this long: resync with a free /token call
+    token_sync_every_s: float = 60.0  # at most one /token call per account per this
+
+    def worker(self, name: str) -> WorkerPolicy:
+        return self.workers.get(name, _NO_POLICY)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "LedgerPolicy":
+        """[ledger] keys mirror the fields; [ledger.workers.NAME] priority / min_share."""
+        raw = dict(section(config, "ledger"))
+        workers = _default_workers()
+        for name, spec in (raw.pop("workers", None) or {}).items():
+            if not isinstance(spec, dict):
+                raise ConfigError(f"[ledger.workers.{name}] must be a table")
+            workers[name] = WorkerPolicy(int(spec.get("priority", 0)), float(spec.get("min_share", 0.0)))
+        known = set(cls.__dataclass_fields__) - {"workers"}
+        unknown = set(raw) - known - {"call_log_days"}
+        if unknown:
+            raise ConfigError(f"unknown [ledger] setting(s): {', '.join(sorted(unknown))}")
+        values = {k: (bool(v) if k == "allow_deficit" else float(v)) for k, v in raw.items() if k in known}
+        return cls(workers=workers, **values)
+
+
+@dataclass
+class Account:
+    """One ledger row, projected to `as_of`."""
+
+    account: str
+    balance: float          # server balance minus in_flight
+    in_flight: float
+    as_of: float
+    refill_rate: float
+    flow_reduction: float
+    next_tick: float
+    server_ts: float | None
+    synced_at: float | None
+    token_synced_at: float | None
+    blocked_until: float | None
+    rate_limited: int
+    workers: dict = field(default_factory=dict)  # sharing state: {worker: {spent, at, last, waiting, seen, cost}}
+    holds: dict = field(default_factory=dict)    # open reservations: {slot: [count, cost, newest at]}
+
+    def __post_init__(self):
+        if isinstance(self.workers, str):  # as stored
+            self.workers = json.loads(self.workers or "{}")
+        if isinstance(self.holds, str):
+            self.holds = json.loads(self.holds or "{}")
+
+    @property
+    def cap(self) -> float:
+        return CAP_MINUTES * self.refill_rate
+
+    @property
+    def server_balance(self) -> float:
+        return self.balance + self.in_flight
+
+    @property
+    def effective_rate(self) -> float:
+        return max(self.refill_rate - self.flow_reduction, 0.0)
+
+    def projected(self, now: float) -> "Account":
+        """Apply the refill ticks due by `now` (Keepa's model: + rate per tick, capped)."""
+        if now < self.next_tick:
+            return self
+        ticks = int((now - self.next_tick) // TICK_S) + 1
+        server = min(self.server_balance + ticks * self.effective_rate, max(self.cap, 0.0))
+        return updated(self, balance=server - self.in_flight, next_tick=self.next_tick + ticks * TICK_S, as_of=now)
+
+    def time_until_available(self, amount: float, now: float) -> float | None:
+        """Seconds until `balance` >= amount with no further spending; None if never (no refill,
+        or the cap with today's in-flight is too small)."""
+        if self.balance >= amount:
+            return 0.0
+        rate = self.effective_rate
+        if rate <= 0 or amount + self.in_flight > self.cap:
+            return None
+        ticks = math.ceil((amount - self.balance) / rate)
+        return max(self.next_tick + (ticks - 1) * TICK_S - now, 0.0)
+
+
+def updated(account: Account, **changes) -> Account:
+    # the workers and holds dicts are shared on purpose: one Account's life is one transaction
+    return Account(**{**account.__dict__, **changes})
+
+
+def open_reservations(account: Account, ttl_s: float) -> list[dict]:
+    """The open reservations, one entry per slot (process, worker, minute), oldest slot first."""
+    out = []
+    for slot, (count, cost, newest) in sorted(account.holds.items(), key=lambda kv: kv[1][2]):
+        holder, _, worker = slot.split(":", 2)
+        out.append({"worker": worker, "pid": int(holder.split(".")[0]), "count": count, "cost": cost,
+                    "last_at": newest, "expires_at": newest + ttl_s})
+    return out
+
+
+@dataclass(frozen=True)
+class Reservation:
+    id: int
+    account: str
+    worker: str
+    kind: str
+    cost: float
+    units: int = 0
+    slot: str = ""  # its entry in the account's holds
+
+
+@dataclass(frozen=True)
+class Refusal:
+    wait_s: float
+    reason: str   # blocked | tokens | share | unreachable
+
+
+def account_id(api_key: str) -> str:
+    """A fingerprint of the key: identifies the account without storing the key."""
+    return "k" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
