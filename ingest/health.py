@@ -3,7 +3,8 @@
 Each check reads the state tables (leases, token ledger, call log, worker progress, checkpoints)
 and returns a `Check`: a verdict ('ok' | 'warn' | 'fail'), a one-line summary, the next step an
 operator should take, and the figures behind it. `assess()` runs the checks `ingest status` needs
-and folds them into one verdict:
+(CORE_CHECKS) and folds them into one verdict (the records, the check `Context` and the folding
+are ingest/verdicts.py):
 
   down      some check failed: a worker is not running / not holding its lease, or the
             database is unusable
@@ -14,108 +15,23 @@ and folds them into one verdict:
 All times come from `now` (wall seconds) so tests build a database state and inject the time.
 """
 
-import json
 import sqlite3
-from dataclasses import asdict, dataclass, field
 
 from .clock import SYSTEM_CLOCK
-from .lease_table import CorruptLease, lease_rows
+from .lease_table import CorruptLease
 from .leases import LeaseTiming
-from .ledger import Account
 from .store import latest_version, schema_version
+from .token_model import Account
+# The records and the machinery, re-exported: callers import them from ingest.health.
+from .verdicts import (VERDICT_ORDER, WORKERS, Assessment, Check, Context, ago, combine,  # noqa: F401
+                       make_context, run_checks)
 
-WORKERS = ("backfill", "upsert")
 RESTART_WINDOW_S = 15 * 60.0     # lease acquisitions counted over this window ...
 RESTART_LOOP_ACQUISITIONS = 4    # ... this many or more: a restart loop
 FULL_FRACTION = 0.98             # balance at >= 98% of the cap counts as "full"
 RUNNING_STATES = {"RUNNING"}
 TRANSIENT_STATES = {"STARTING", "BACKOFF", "STOPPING"}   # warn: not settled
 DOWN_STATES = {"STOPPED", "FATAL", "EXITED", "UNKNOWN"}   # fail: not running
-
-VERDICT_ORDER = {"ok": 0, "warn": 1, "fail": 2}
-
-
-@dataclass
-class Check:
-    name: str
-    verdict: str  # 'ok' | 'warn' | 'fail'
-    summary: str
-    next_step: str = ""
-    data: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Assessment:
-    verdict: str  # 'healthy' | 'degraded' | 'down'
-    problems: list[str]
-    checks: list[Check]
-
-    def to_json(self) -> dict:
-        return {"verdict": self.verdict, "problems": list(self.problems),
-                "checks": [c.to_json() for c in self.checks]}
-
-    @property
-    def exit_code(self) -> int:
-        """0 healthy, 1 degraded, 2 down: what status commands exit with."""
-        return {"healthy": 0, "degraded": 1, "down": 2}[self.verdict]
-
-
-def combine(checks: list[Check]) -> Assessment:
-    """The overall verdict: down on any fail, degraded on any warn. Problems list the worst first."""
-    worst = max((VERDICT_ORDER[c.verdict] for c in checks), default=0)
-    verdict = ("healthy", "degraded", "down")[worst]
-    bad = sorted((c for c in checks if c.verdict != "ok"), key=lambda c: -VERDICT_ORDER[c.verdict])
-    return Assessment(verdict, [f"{c.name}: {c.summary}" for c in bad], checks)
-
-
-@dataclass
-class Context:
-    """What every check reads: the connection, the time, and the thresholds."""
-
-    conn: sqlite3.Connection
-    now: float
-    stall_s: float
-    supervisor: dict | None
-    timing: LeaseTiming
-    workers: tuple[str, ...]
-    clock: object = SYSTEM_CLOCK
-    _leases: dict | None = None
-
-    def leases(self) -> dict[str, dict]:
-        """lease name -> row of `lease_rows` (cached: several checks read it)."""
-        if self._leases is None:
-            self._leases = {r["name"]: r for r in lease_rows(self.conn, self.now, clock=self.clock)}
-        return self._leases
-
-    def progress(self, worker: str) -> dict | None:
-        row = self.conn.execute("SELECT * FROM worker_progress WHERE worker = ?", (worker,)).fetchone()
-        return dict(row) if row else None
-
-    def checkpoint(self, name: str) -> tuple[dict, float] | None:
-        row = self.conn.execute("SELECT value, updated_at FROM checkpoints WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            return None
-        try:
-            return json.loads(row[0]), row[1]
-        except ValueError:
-            return {}, row[1]
-
-
-def ago(seconds: float | None) -> str:
-    """'42s', '12m', '3.5h', '2.0d' (None: 'never')."""
-    if seconds is None:
-        return "never"
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
-
 
 def _age(now: float, then: float | None) -> float | None:
     return None if then is None else round(now - then, 1)
@@ -388,25 +304,6 @@ def check_supervisor(ctx: Context) -> Check:
 
 CORE_CHECKS = (check_database, check_supervisor, check_leases, check_heartbeats, check_progress,
                check_last_fetch, check_tokens, check_rate_limits, check_restarts)
-
-
-def make_context(conn, *, now: float | None = None, supervisor: dict | None = None, stall_minutes: float = 10.0,
-                 config: dict | None = None, workers: tuple[str, ...] = WORKERS, clock=SYSTEM_CLOCK) -> Context:
-    timing = LeaseTiming.from_config(config or {})
-    return Context(conn, clock.wall() if now is None else now, stall_minutes * 60.0, supervisor, timing,
-                   tuple(workers), clock)
-
-
-def run_checks(ctx: Context, checks) -> list[Check]:
-    """Run each check; one that raises becomes a 'fail' naming the error, never a traceback."""
-    out = []
-    for check in checks:
-        try:
-            out.append(check(ctx))
-        except sqlite3.Error as e:
-            out.append(Check(check.__name__.removeprefix("check_"), "fail", f"database error: {e}",
-                             "ingest diagnose stall (integrity); check the database file"))
-    return out
 
 
 def assess(conn, *, now: float | None = None, supervisor: dict[str, dict] | None = None,
