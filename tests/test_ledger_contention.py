@@ -74,7 +74,10 @@ def test_four_processes_never_admit_beyond_the_balance(db_path):
     assert a.balance == 0 and a.in_flight == 2000
     held = open_reservations(a, 600)
     assert sum(h["count"] for h in held) == 2000 and sum(h["cost"] for h in held) == 2000
-    assert len({h["pid"] for h in held}) == PROCESSES  # one slot per process (and worker, minute)
+    # one slot per process (and worker, minute); on a loaded machine one process may take all
+    # 2000 before another starts, so not every process need have taken part
+    pids = [h["pid"] for h in held]
+    assert len(pids) == len(set(pids))
 
 
 def test_the_naive_deferred_pattern_over_admits_under_the_same_load(db_path):
