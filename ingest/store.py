@@ -9,7 +9,6 @@ import os
 import random
 import sqlite3
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -98,6 +97,28 @@ def is_busy(e: BaseException) -> bool:
 
 
 @dataclass(frozen=True)
+class Backoff:
+    """The default way to wait for the write lock: SQLite's own busy_timeout first, then up to
+    `attempts` tries in all, with jittered exponential sleeps from `first_s` (capped at 2 s)."""
+
+    attempts: int = BEGIN_ATTEMPTS
+    first_s: float = BEGIN_BACKOFF_S
+
+    def after_busy(self, attempt, what: str):
+        """`attempt()` failed with SQLITE_BUSY once: sleep and try again, `attempts` in all."""
+        delay = self.first_s
+        for _ in range(self.attempts - 1):
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
+            try:
+                return attempt()
+            except sqlite3.OperationalError as e:
+                if not is_busy(e):
+                    raise
+        raise StoreError(f"database stayed locked through {self.attempts} attempts to {what}")
+
+
+@dataclass(frozen=True)
 class Spin:
     """Retry BEGIN IMMEDIATE ourselves: short jittered sleeps growing from `first_s` to `max_s`,
     for at most `budget_s` in all. Meant for a connection with busy_timeout = 0: SQLite's own
@@ -110,38 +131,40 @@ class Spin:
     growth: float = 1.5
     budget_s: float = 10.0
 
-    def retry(self, attempt, what: str):
-        """Call `attempt()` until it does not raise SQLITE_BUSY, sleeping between tries."""
-        delay, deadline = self.first_s, None
+    def after_busy(self, attempt, what: str):
+        """`attempt()` failed with SQLITE_BUSY once: sleep and try again, for `budget_s` at most."""
+        delay, deadline = self.first_s, time.monotonic() + self.budget_s
         while True:
+            if time.monotonic() >= deadline:
+                raise StoreError(f"database stayed locked for {self.budget_s:g} s while trying to {what}")
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * self.growth, self.max_s)
             try:
                 return attempt()
             except sqlite3.OperationalError as e:
                 if not is_busy(e):
                     raise
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.budget_s
-                elif now >= deadline:
-                    raise StoreError(f"database stayed locked for {self.budget_s:g} s while trying to {what}") from None
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * self.growth, self.max_s)
 
 
 def retry_busy(spin: Spin, fn, *args):
     """`fn(*args)` (a read outside a transaction) retried on SQLITE_BUSY, for busy_timeout = 0
     connections: in WAL mode a read is refused only briefly (recovery, a closing last connection)."""
-    return spin.retry(lambda: fn(*args), "read")
+    try:
+        return fn(*args)
+    except sqlite3.OperationalError as e:
+        if not is_busy(e):
+            raise
+        return spin.after_busy(lambda: fn(*args), "read")
 
 
-class _SpinTransaction:
-    """transaction(conn, spin=...): the same contract as the default, BEGIN retried by `spin`.
-    A class, not a generator: it is the ledger's hot path (microseconds count there)."""
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception. A class, not a generator: it is the
+    ledger's hot path (microseconds count there)."""
 
-    __slots__ = ("conn", "spin")
+    __slots__ = ("conn", "waiting")
 
-    def __init__(self, conn: sqlite3.Connection, spin: Spin):
-        self.conn, self.spin = conn, spin
+    def __init__(self, conn: sqlite3.Connection, waiting: "Backoff | Spin"):
+        self.conn, self.waiting = conn, waiting
 
     def _begin(self):
         return self.conn.execute("BEGIN IMMEDIATE")
@@ -153,7 +176,7 @@ class _SpinTransaction:
             if not is_busy(e):
                 raise StoreError(f"cannot start a write transaction: {e}") from None
             try:
-                self.spin.retry(self._begin, "start a write transaction")
+                self.waiting.after_busy(self._begin, "start a write transaction")
             except sqlite3.OperationalError as e2:
                 raise StoreError(f"cannot start a write transaction: {e2}") from None
         return self.conn
@@ -171,6 +194,7 @@ class _SpinTransaction:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         if issubclass(kind, sqlite3.OperationalError):
+            # read-only file, disk full, I/O error: one clear line; the rollback lost nothing
             raise StoreError(f"write transaction failed and was rolled back: {error}") from None
         return False
 
@@ -178,7 +202,7 @@ class _SpinTransaction:
 def transaction(
     conn: sqlite3.Connection, *, attempts: int = BEGIN_ATTEMPTS, backoff_s: float = BEGIN_BACKOFF_S,
     spin: Spin | None = None,
-):
+) -> _Transaction:
     """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception).
 
     SQLITE_BUSY at BEGIN (after SQLite's own busy_timeout) is retried with jittered exponential
@@ -186,44 +210,7 @@ def transaction(
     hold the write lock, so in WAL mode nothing later in the transaction waits for it.
     With `spin`, BEGIN is retried by `spin` instead (short sleeps, bounded in time; see Spin).
     """
-    if spin is not None:
-        return _SpinTransaction(conn, spin)
-    return _transaction(conn, attempts, backoff_s)
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection, attempts: int, backoff_s: float) -> Iterator[sqlite3.Connection]:
-    delay = backoff_s
-    for attempt in range(1, attempts + 1):
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            break
-        except sqlite3.OperationalError as e:
-            if not is_busy(e):
-                raise StoreError(f"cannot start a write transaction: {e}") from None
-            if attempt == attempts:
-                raise StoreError(
-                    f"database stayed locked through {attempts} attempts to start a write transaction"
-                ) from None
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 2.0)
-    try:
-        yield conn
-    except sqlite3.OperationalError as e:
-        conn.execute("ROLLBACK")
-        # read-only file, disk full, I/O error: one clear line; the rollback lost nothing
-        raise StoreError(f"write transaction failed and was rolled back: {e}") from None
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    else:
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+    return _Transaction(conn, spin if spin is not None else Backoff(attempts, backoff_s))
 
 
 # ---------------------------------------------------------------- migrations
