@@ -9,6 +9,33 @@ INGEST = str(Path(sys.executable).parent / "ingest")
 
 
 @pytest.fixture
+def clock():
+    """A clock tests move by hand (modules that need another start define their own)."""
+    from ingest.clock import FakeClock
+
+    return FakeClock(wall=1_700_000_000.0)
+
+
+@pytest.fixture
+def make_sim(request, clock):
+    """Start simulators on `clock` (products: the module's SIM_PRODUCTS, else 300); all stopped
+    at the end of the test."""
+    from ingest.simulator import SimConfig, Simulator
+
+    sims = []
+
+    def make(**overrides):
+        overrides.setdefault("products", getattr(request.module, "SIM_PRODUCTS", 300))
+        sim = Simulator(SimConfig(clock=clock, **overrides)).start()
+        sims.append(sim)
+        return sim
+
+    yield make
+    for sim in sims:
+        sim.stop()
+
+
+@pytest.fixture
 def db_path(tmp_path) -> Path:
     return tmp_path / "state" / "ingest.db"
 

@@ -9,32 +9,14 @@ import urllib.request
 import pytest
 import requests
 
-from ingest.clock import FakeClock
-from ingest.simulator import SimConfig, Simulator, keepa_minute
+from ingest.simulator import keepa_minute
 from ingest.simulator import deals as deals_module
 
 ENVELOPE = {"timestamp", "tokensLeft", "refillIn", "refillRate", "tokenFlowReduction", "tokensConsumed",
             "processingTimeInMs"}
 
 
-@pytest.fixture
-def clock():
-    return FakeClock(wall=1_700_000_000.0)
-
-
-@pytest.fixture
-def make_sim(clock):
-    sims = []
-
-    def make(**overrides):
-        overrides.setdefault("products", 600)
-        sim = Simulator(SimConfig(clock=clock, **overrides)).start()
-        sims.append(sim)
-        return sim
-
-    yield make
-    for sim in sims:
-        sim.stop()
+SIM_PRODUCTS = 600  # the make_sim fixture (conftest) reads it
 
 
 @pytest.fixture

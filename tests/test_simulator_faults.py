@@ -6,27 +6,8 @@ import time
 import pytest
 import requests
 
-from ingest.clock import FakeClock
-from ingest.simulator import SimConfig, Simulator
 
 
-@pytest.fixture
-def clock():
-    return FakeClock(wall=1_700_000_000.0)
-
-
-@pytest.fixture
-def make_sim(clock):
-    sims = []
-
-    def make(**overrides):
-        sim = Simulator(SimConfig(clock=clock, products=300, **overrides)).start()
-        sims.append(sim)
-        return sim
-
-    yield make
-    for sim in sims:
-        sim.stop()
 
 
 def get_product(sim, n=3, timeout=10):
