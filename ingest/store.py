@@ -79,7 +79,18 @@ def connect(path: str | os.PathLike, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) 
         )
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+
+        def set_journal_mode():
+            return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+
+        # SQLITE_BUSY can come back at once, past the busy timeout, while another process closes
+        # the last connection (checkpoint, WAL reset) or recovers the WAL: wait and try again.
+        try:
+            mode = set_journal_mode()
+        except sqlite3.OperationalError as e:
+            if not is_busy(e):
+                raise
+            mode = OPEN_BACKOFF.after_busy(set_journal_mode, f"open {path}")
         if mode.lower() != "wal":
             raise StoreError(f"database {path} cannot switch to WAL mode (got {mode})")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -116,6 +127,9 @@ class Backoff:
                 if not is_busy(e):
                     raise
         raise StoreError(f"database stayed locked through {self.attempts} attempts to {what}")
+
+
+OPEN_BACKOFF = Backoff(attempts=10, first_s=0.02)  # ~5 s in all
 
 
 @dataclass(frozen=True)
