@@ -363,8 +363,7 @@ class Ledger:
     def release(self, reservation: Reservation) -> None:
         """The call was never made (stopped before sending): give the tokens back."""
         with transaction(self.conn, spin=SPIN):
-            account = self._close(self._load_for_update(), reservation, refund=True)
-            record_spend(account.workers, reservation.worker, -reservation.cost, self.clock.wall(), self.policy)
+            account = self._refund(reservation, self.clock.wall())
             self._store(account)
         _OPEN.discard(reservation.id)
         self._committed()
@@ -374,8 +373,7 @@ class Ledger:
         projected balance is positive again."""
         now = self.clock.wall()
         with transaction(self.conn, spin=SPIN):
-            account = self._close(self._load_for_update(now), reservation, refund=True)
-            record_spend(account.workers, reservation.worker, -reservation.cost, now, self.policy)
+            account = self._refund(reservation, now)
             account = self._apply(account, envelope)
             left = envelope.tokens_left if envelope is not None and envelope.complete else min(account.server_balance, 0)
             rate = account.effective_rate
@@ -391,6 +389,13 @@ class Ledger:
                 call.insert(self.conn, self.account)
         _OPEN.discard(reservation.id)
         self._committed()
+        return account
+
+    def _refund(self, reservation: Reservation, now: float) -> Account:
+        """Close a reservation whose call cost nothing: its tokens go back, and out of its
+        worker's spend. Inside the caller's transaction."""
+        account = self._close(self._load_for_update(now), reservation, refund=True)
+        record_spend(account.workers, reservation.worker, -reservation.cost, now, self.policy)
         return account
 
     def _close(self, account: Account | None, reservation: Reservation, refund: bool = False) -> Account:
