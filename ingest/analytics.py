@@ -21,7 +21,6 @@ from bisect import bisect_left
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 
-from .config import section
 from .errors import ConfigError
 from .history import (
     COUNT_USED,
@@ -37,6 +36,7 @@ from .history import (
     steps_down,
 )
 from .keepatime import MINUTES_PER_DAY, datetime_to_keepa_minutes, keepa_minutes_to_datetime
+from .settings import parse, setting
 
 REASONS = ("ok", "no_history", "too_new", "no_sales")
 
@@ -45,13 +45,13 @@ REASONS = ("ok", "no_history", "too_new", "no_sales")
 class AnalyticsParams:
     """Tunables, all from the [analytics] config section (same names)."""
 
-    confirm_window_hours: float = 24.0  # a rank improvement this long after a count drop still confirms it
-    window_days: int = 365  # the "one year" of the average
-    min_tracked_days: int = 90  # tracked for less: 'too_new' (a year's average needs some history)
-    outlier_factor: float = 3.0  # keep sale prices within [median / f, median * f]; 0 = keep all
-    outlier_min_sales: int = 3  # with fewer sales, no outlier is removed
-    min_discount_pct: float = 20.0  # accept when the used price is at least this far below the average
-    max_sales_rank: int | None = None  # reject slower sellers than this (None = no limit)
+    confirm_window_hours: float = setting(24.0, "a rank improvement this long after a count drop still confirms it")
+    window_days: int = setting(365, 'the "one year" of the average', max=3650)
+    min_tracked_days: int = setting(90, "tracked for less: 'too_new' (a year's average needs some history)", max=3650)
+    outlier_factor: float = setting(3.0, "keep sale prices within [median / f, median * f]; 0 = keep all")
+    outlier_min_sales: int = setting(3, "with fewer sales, no outlier is removed")
+    min_discount_pct: float = setting(20.0, "accept when the used price is at least this far below the average")
+    max_sales_rank: int | None = setting(None, "reject slower sellers than this (None = no limit)", kind=int)
 
     def __post_init__(self):
         if not all(math.isfinite(getattr(self, name)) for name in _FLOAT_SETTINGS):
@@ -68,18 +68,7 @@ class AnalyticsParams:
     @classmethod
     def from_config(cls, config: dict) -> "AnalyticsParams":
         """From the whole config (its [analytics] table). Unknown keys and wrong types: ConfigError."""
-        table = section(config, "analytics")
-        known = {f.name: f for f in fields(cls)}
-        kwargs = {}
-        for key, value in table.items():
-            if key not in known:
-                raise ConfigError(f"[analytics] unknown setting {key!r} (known: {', '.join(known)})")
-            allowed = (int, float) if key in _FLOAT_SETTINGS else (int,)
-            if isinstance(value, bool) or not isinstance(value, allowed):
-                kind = "a number" if key in _FLOAT_SETTINGS else "a whole number"
-                raise ConfigError(f"[analytics] {key} must be {kind}, got {value!r}")
-            kwargs[key] = value
-        return cls(**kwargs)
+        return parse(cls, config.get("analytics"), "analytics")
 
 
 _FLOAT_SETTINGS = frozenset({"confirm_window_hours", "outlier_factor", "min_discount_pct"})

@@ -22,9 +22,9 @@ import requests
 from .clock import SYSTEM_CLOCK
 from .errors import IngestError
 from .logs import REDACTED, RedactingFilter, redact, register_secret
+from .settings import DEFAULT_BASE_URL
 
 log = logging.getLogger(__name__)
-DEFAULT_BASE_URL = "https://api.keepa.com"
 
 # urllib3 logs request lines (with the query string) at DEBUG on its own loggers; filter them at
 # the source so that no handler (a test's caplog included) ever sees the key.

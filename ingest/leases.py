@@ -25,6 +25,7 @@ from .clock import SYSTEM_CLOCK
 from .errors import EXIT_LEASE_LOST, ConfigError, IngestError
 from .lease_table import CorruptLease, LeaseRow, add_event, lease_history, lease_rows, read_lease  # noqa: F401
 from .procinfo import Identity
+from .settings import parse, setting
 from .store import connect, open_db, transaction
 
 log = logging.getLogger("ingest.leases")
@@ -43,9 +44,9 @@ class LeaseTiming:
     retry_s: how often a contender looks again. ttl >= 2 x renew, so one late heartbeat never
     loses the lease; renew >= 2 x retry, so a failed renewal is retried before the next one."""
 
-    ttl_s: float = 30.0
-    renew_s: float = 10.0
-    retry_s: float = 2.0
+    ttl_s: float = setting(30.0, "a holder that stops renewing keeps the lease this long", above=0, max=600)
+    renew_s: float = setting(10.0, "heartbeat period", above=0)
+    retry_s: float = setting(2.0, "how often a contender looks again", above=0)
 
     def __post_init__(self):
         for f in fields(self):
@@ -62,14 +63,7 @@ class LeaseTiming:
     @classmethod
     def from_config(cls, config: dict) -> "LeaseTiming":
         """From the [leases] section (ttl_s, renew_s, retry_s); missing keys keep the defaults."""
-        section = (config or {}).get("leases", {})
-        if not isinstance(section, dict):
-            raise ConfigError("config section [leases] must be a table")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(f"unknown key(s) in [leases]: {', '.join(unknown)} (known: ttl_s, renew_s, retry_s)")
-        return cls(**section)
+        return parse(cls, (config or {}).get("leases"), "leases")
 
 
 class LeaseLost(IngestError):

@@ -11,16 +11,13 @@ Stopped when `stop` is set while waiting. One MeteredKeepa per thread (it owns o
 
 import logging
 import math
-import os
 import threading
 
 from . import calllog
 from .calllog import CallRecord
 from .clock import SYSTEM_CLOCK
-from .config import section
 from .errors import ConfigError
 from .keepa import (
-    DEFAULT_BASE_URL,
     DealPage,
     Envelope,
     KeepaClient,
@@ -33,6 +30,7 @@ from .keepa import (
 )
 from .ledger import SPIN, CostAboveCap, Ledger, LedgerPolicy, Stopped, account_id, ledger_connection
 from .logs import register_secret
+from .settings import KeepaSettings, parse, with_environment
 from .store import transaction
 from .token_costs import product_kind
 
@@ -175,31 +173,23 @@ class MeteredKeepa:
         self.ledger.conn.close()
 
 
-def keepa_settings(config: dict) -> tuple[str, str, int]:
-    """(api_key, base_url, domain) from the environment, then [keepa]. Missing key: ConfigError."""
-    keepa = section(config, "keepa")
-    key = os.environ.get("KEEPA_API_KEY") or keepa.get("api_key")
-    if not key:
+def keepa_settings(config: dict) -> KeepaSettings:
+    """[keepa] with the environment applied (KEEPA_API_KEY, KEEPA_BASE_URL). No key: ConfigError."""
+    merged, _ = with_environment(config)
+    keepa = parse(KeepaSettings, merged.get("keepa"), "keepa")
+    if not keepa.api_key:
         raise ConfigError("no Keepa API key: set KEEPA_API_KEY or [keepa] api_key in the config")
-    register_secret(str(key))
-    base_url = os.environ.get("KEEPA_BASE_URL") or keepa.get("base_url") or DEFAULT_BASE_URL
-    try:
-        domain = int(keepa.get("domain", 1))
-    except (TypeError, ValueError):
-        raise ConfigError("[keepa] domain must be an integer (1 = .com)") from None
-    return str(key), str(base_url), domain
+    register_secret(keepa.api_key)
+    return keepa
 
 
 def open_keepa(db_path, config: dict, worker: str, stop: threading.Event | None = None, *,
                clock=SYSTEM_CLOCK) -> MeteredKeepa:
-    key, base_url, domain = keepa_settings(config)
-    keepa = section(config, "keepa")
+    keepa = keepa_settings(config)
     policy = LedgerPolicy.from_config(config)
     client = KeepaClient(
-        key, base_url, domain, stop=stop, clock=clock,
-        connect_timeout_s=float(keepa.get("connect_timeout_s", 10.0)),
-        read_timeout_s=float(keepa.get("read_timeout_s", 60.0)),
+        keepa.api_key, keepa.base_url, keepa.domain, stop=stop, clock=clock,
+        connect_timeout_s=keepa.connect_timeout_s, read_timeout_s=keepa.read_timeout_s,
     )
-    ledger = Ledger(ledger_connection(db_path), account_id(key), policy, clock)
-    days = float(section(config, "ledger").get("call_log_days", calllog.DEFAULT_RETENTION_DAYS))
-    return MeteredKeepa(client, ledger, worker, stop=stop, clock=clock, call_log_days=days)
+    ledger = Ledger(ledger_connection(db_path), account_id(keepa.api_key), policy, clock)
+    return MeteredKeepa(client, ledger, worker, stop=stop, clock=clock, call_log_days=policy.call_log_days)

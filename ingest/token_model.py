@@ -13,8 +13,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from .config import section
 from .errors import ConfigError
+from .settings import Rule, parse, setting
 
 TICK_S = 60.0
 CAP_MINUTES = 60
@@ -22,8 +22,10 @@ CAP_MINUTES = 60
 
 @dataclass(frozen=True)
 class WorkerPolicy:
-    priority: int = 0       # higher goes first while both are busy
-    min_share: float = 0.0  # fraction of recent spend guaranteed while both are busy
+    """[ledger.workers.NAME]: how one worker shares tokens while both are busy."""
+
+    priority: int = setting(0, "higher goes first while both are busy", min=-100, max=100)
+    min_share: float = setting(0.0, "fraction of recent spend guaranteed while both are busy", min=0, max=1)
 
 
 _NO_POLICY = WorkerPolicy()  # an unnamed worker's: shared (frozen), not built per lookup
@@ -35,17 +37,33 @@ def _default_workers():
 
 @dataclass(frozen=True)
 class LedgerPolicy:
-    workers: dict = field(default_factory=_default_workers)
-    allow_deficit: bool = False       # admit a call costing more than the balance while it is > 0
-    min_wait_s: float = 1.0           # never re-check sooner (no busy loops)
-    max_wait_s: float = 45.0          # never sleep longer without re-checking
-    tick_margin_s: float = 0.25       # wake this long after a projected tick
-    busy_window_s: float = 10.0       # reserved this recently = busy, for sharing
-    waiter_stale_s: float = 150.0     # a waiter silent this long (crashed) is ignored
-    share_half_life_s: float = 600.0  # decay of the per-worker spend used for shares
-    reservation_ttl_s: float = 600.0  # an unsettled reservation (crashed holder) is dropped after
-    stale_after_s: float = 600.0      # no envelope for this long: resync with a free /token call
-    token_sync_every_s: float = 60.0  # at most one /token call per account per this
+    workers: dict = field(default_factory=_default_workers, metadata={"rule": Rule(dict, "[ledger.workers.NAME] tables")})
+    allow_deficit: bool = setting(False, "admit a call costing more than the balance while it is > 0")
+    min_wait_s: float = setting(1.0, "never re-check sooner (no busy loops)", above=0, max=60)
+    max_wait_s: float = setting(45.0, "never sleep longer without re-checking", above=0, max=600)
+    tick_margin_s: float = setting(0.25, "wake this long after a projected tick", min=0, max=10)
+    busy_window_s: float = setting(10.0, "reserved this recently = busy, for sharing", above=0, max=3600)
+    waiter_stale_s: float = setting(150.0, "a waiter silent this long (crashed) is ignored", above=0, max=86400)
+    share_half_life_s: float = setting(600.0, "decay of the per-worker spend used for shares", above=0, max=7 * 86400)
+    reservation_ttl_s: float = setting(600.0, "an unsettled reservation (crashed holder) is dropped after", min=1, max=86400)
+    stale_after_s: float = setting(600.0, "no envelope for this long: resync with a free /token call", min=1, max=86400)
+    token_sync_every_s: float = setting(60.0, "at most one /token call per account per this", min=1, max=3600)
+    call_log_days: float = setting(30.0, "keep the keepa_calls log this many days", above=0, max=3650)
+
+    def __post_init__(self):
+        if self.min_wait_s > self.max_wait_s:
+            raise ConfigError(f"min_wait_s ({self.min_wait_s:g}) must be at most max_wait_s ({self.max_wait_s:g})")
+        workers = _default_workers()
+        for name, spec in self.workers.items():
+            if isinstance(spec, WorkerPolicy):
+                workers[name] = spec
+            elif isinstance(spec, dict):
+                workers[name] = parse(WorkerPolicy, spec, f"ledger.workers.{name}")
+            else:
+                raise ConfigError(f"[ledger.workers.{name}] must be a table")
+        if sum(w.min_share for w in workers.values()) > 1:
+            raise ConfigError("the workers' min_share values must add up to at most 1")
+        object.__setattr__(self, "workers", workers)
 
     def worker(self, name: str) -> WorkerPolicy:
         return self.workers.get(name, _NO_POLICY)
@@ -53,18 +71,7 @@ class LedgerPolicy:
     @classmethod
     def from_config(cls, config: dict) -> "LedgerPolicy":
         """[ledger] keys mirror the fields; [ledger.workers.NAME] priority / min_share."""
-        raw = dict(section(config, "ledger"))
-        workers = _default_workers()
-        for name, spec in (raw.pop("workers", None) or {}).items():
-            if not isinstance(spec, dict):
-                raise ConfigError(f"[ledger.workers.{name}] must be a table")
-            workers[name] = WorkerPolicy(int(spec.get("priority", 0)), float(spec.get("min_share", 0.0)))
-        known = set(cls.__dataclass_fields__) - {"workers"}
-        unknown = set(raw) - known - {"call_log_days"}
-        if unknown:
-            raise ConfigError(f"unknown [ledger] setting(s): {', '.join(sorted(unknown))}")
-        values = {k: (bool(v) if k == "allow_deficit" else float(v)) for k, v in raw.items() if k in known}
-        return cls(workers=workers, **values)
+        return parse(cls, config.get("ledger"), "ledger")
 
 
 @dataclass

@@ -91,7 +91,7 @@ def test_bad_timing_is_refused_at_construction(ttl, renew, retry, message):
 def test_timing_from_config():
     assert LeaseTiming.from_config({}) == LeaseTiming()
     assert LeaseTiming.from_config({"leases": {"ttl_s": 9, "renew_s": 3, "retry_s": 1}}) == LeaseTiming(9, 3, 1)
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match=r"unknown setting \[leases\] ttl \(did you mean ttl_s\?\)"):
         LeaseTiming.from_config({"leases": {"ttl": 9}})
     with pytest.raises(ConfigError, match="at least 2 x renew_s"):
         LeaseTiming.from_config({"leases": {"ttl_s": 15}})

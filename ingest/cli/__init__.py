@@ -13,9 +13,12 @@ from .. import __version__
 from ..config import load_config
 from ..errors import IngestError
 from ..logs import redact
+from ..settings import Settings, load_settings
 from ..store import open_db, resolve_db_path
 
-COMMAND_MODULES = ["db", "leases", "tokens", "sim", "analyze", "run", "deals", "status", "diagnose"]
+COMMAND_MODULES = ["config", "db", "leases", "tokens", "sim", "analyze", "run", "deals", "status", "diagnose"]
+
+UNCHECKED_COMMANDS = {"config", None}  # `config check` reports the problems itself
 
 
 @dataclass
@@ -25,6 +28,7 @@ class App:
     db_option: str | None
     config_option: str | None
     _config: dict | None = None
+    _settings: Settings | None = None
     _conn: sqlite3.Connection | None = field(default=None, repr=False)
 
     @property
@@ -32,6 +36,13 @@ class App:
         if self._config is None:
             self._config = load_config(self.config_option)
         return self._config
+
+    @property
+    def settings(self) -> Settings:
+        """The whole config validated (a bad one is ConfigError: one line, exit 3)."""
+        if self._settings is None:
+            self._settings = load_settings(self.config)
+        return self._settings
 
     @property
     def db_path(self) -> Path:
@@ -62,7 +73,11 @@ class IngestGroup(click.Group):
 @click.pass_context
 def main(ctx, db_option, config_option):
     """ingest: Keepa deals into SQLite, through crashes, restarts and token shortages."""
+    if db_option is not None and not db_option.strip():
+        raise click.UsageError("--db needs a path (leave it out for $INGEST_DB, [store] db or var/ingest.db)")
     ctx.obj = App(db_option=db_option, config_option=config_option)
+    if ctx.invoked_subcommand not in UNCHECKED_COMMANDS:
+        ctx.obj.settings  # every command checks the whole config before it does anything
 
 
 def echo_json(value) -> None:

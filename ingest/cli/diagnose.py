@@ -92,7 +92,7 @@ def diagnose_stall(app, stall_minutes, supervisor_conf, as_json):
     from ..diagnostics import diagnose_stall as run
 
     if stall_minutes is None:
-        stall_minutes = float((app.config.get("health") or {}).get("stall_minutes", 10.0))
+        stall_minutes = app.settings["health"].stall_minutes
     try:
         conn = app.db()
     except StoreError as e:

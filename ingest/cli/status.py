@@ -206,8 +206,8 @@ def show(state: dict) -> None:
 
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable: verdict, problems and everything shown.")
-@click.option("--stall-minutes", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
-              help="A worker holding its lease without committing for this long is stalled.")
+@click.option("--stall-minutes", type=click.FloatRange(min=0.1),
+              help="A worker holding its lease without committing for this long is stalled (default: [health] stall_minutes, 10).")
 @click.option("--supervisor-conf", metavar="PATH",
               help="supervisord config (else $INGEST_SUPERVISOR_CONF, ./supervisor.d/supervisord.conf).")
 @click.pass_obj
@@ -217,6 +217,8 @@ def status(app, as_json, stall_minutes, supervisor_conf):
     Exit status: 0 healthy, 1 degraded, 2 down."""
     from . import echo_json
 
+    if stall_minutes is None:
+        stall_minutes = app.settings["health"].stall_minutes
     state = gather(app, stall_minutes=stall_minutes, supervisor_conf=supervisor_conf)
     if as_json:
         echo_json(state)

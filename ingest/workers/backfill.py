@@ -15,9 +15,11 @@ never fetched twice and never skipped; each product batch then removes its ASINs
 """
 
 import logging
+from dataclasses import dataclass
 
 from .. import deals as store_deals
 from ..query import load_query, page_selection, query_fingerprint
+from ..settings import parse, section_extra, setting
 from .base import Worker
 
 log = logging.getLogger("ingest.backfill")
@@ -26,14 +28,24 @@ CHECKPOINT = "backfill"
 PAGE_SIZE = 150
 
 
+@dataclass(frozen=True)
+class BackfillSettings:
+    """[backfill]: also takes the [worker] keys (overriding them) and `query` (both workers' query)."""
+
+    pass_pause_s: float = setting(600.0, "pause between the end of a pass and the next", min=0, max=7 * 86400)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "BackfillSettings":
+        return parse(cls, config.get("backfill"), "backfill", extra=section_extra("backfill"))
+
+
 class BackfillWorker(Worker):
     name = "backfill"
 
     def __init__(self, *args, query_option: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.query_option = query_option
-        section = self.config.get("backfill") or {}
-        self.pass_pause_s = float(section.get("pass_pause_s", 600))
+        self.pass_pause_s = BackfillSettings.from_config(self.config).pass_pause_s
         self._passes_finished = 0
 
     def setup(self) -> None:

@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from .. import deals as store_deals
@@ -23,6 +23,7 @@ from ..errors import EXIT_CONFIG, EXIT_LEASE_LOST, EXIT_OK, ConfigError, IngestE
 from ..keepa import KeepaRequestError, MalformedResponse, TransientError
 from ..leases import Lease, LeaseLost, LeaseTiming
 from ..metered import Stopped, keepa_settings, open_keepa
+from ..settings import setting, worker_settings
 from ..store import open_db, transaction
 
 log = logging.getLogger("ingest.worker")
@@ -32,31 +33,29 @@ log = logging.getLogger("ingest.worker")
 class WorkerSettings:
     """Knobs shared by both workers; [worker] in the config, [backfill]/[upsert] override."""
 
-    stats_days: int = 365
-    progress_log_s: float = 30.0
-    backoff_s: float = 2.0  # first wait after a transient failure, doubled up to backoff_max_s
-    backoff_max_s: float = 120.0
-    malformed_attempts: int = 3  # a batch answered malformed this often is stored incomplete
-    retry_backoff: store_deals.RetryBackoff = field(default_factory=store_deals.RetryBackoff)
+    stats_days: int = setting(365, "days of Keepa stats asked with each product", min=1, max=3650)
+    progress_log_s: float = setting(30.0, "a progress line this often", min=0.1, max=86400)
+    backoff_s: float = setting(2.0, "first wait after a transient failure, doubled up to backoff_max_s",
+                               min=0.01, max=3600)
+    backoff_max_s: float = setting(120.0, "longest wait after transient failures", min=0.01, max=86400)
+    malformed_attempts: int = setting(3, "a batch answered malformed this often is stored incomplete", min=1, max=100)
+    retry_base_s: float = setting(60.0, "first refetch of an incomplete deal after", min=0.01, max=30 * 86400)
+    retry_cap_s: float = setting(6 * 3600.0, "refetch delay doubles up to this", min=0.01, max=30 * 86400)
+    retry_max_attempts: int = setting(12, "an incomplete deal is refetched at most this often", min=1, max=1000)
+
+    def __post_init__(self):
+        if self.backoff_s > self.backoff_max_s:
+            raise ConfigError(f"backoff_s ({self.backoff_s:g}) must be at most backoff_max_s ({self.backoff_max_s:g})")
+        if self.retry_base_s > self.retry_cap_s:
+            raise ConfigError(f"retry_base_s ({self.retry_base_s:g}) must be at most retry_cap_s ({self.retry_cap_s:g})")
+
+    @property
+    def retry_backoff(self) -> store_deals.RetryBackoff:
+        return store_deals.RetryBackoff(self.retry_base_s, self.retry_cap_s, self.retry_max_attempts)
 
     @classmethod
     def from_config(cls, config: dict, worker: str) -> "WorkerSettings":
-        merged = {**(config.get("worker") or {}), **(config.get(worker) or {})}
-        kwargs = {}
-        for name in ("stats_days", "malformed_attempts"):
-            if name in merged:
-                kwargs[name] = int(merged[name])
-        for name in ("progress_log_s", "backoff_s", "backoff_max_s"):
-            if name in merged:
-                kwargs[name] = float(merged[name])
-        if {"retry_base_s", "retry_cap_s", "retry_max_attempts"} & set(merged):
-            default = store_deals.RetryBackoff()
-            kwargs["retry_backoff"] = store_deals.RetryBackoff(
-                float(merged.get("retry_base_s", default.base_s)),
-                float(merged.get("retry_cap_s", default.cap_s)),
-                int(merged.get("retry_max_attempts", default.max_attempts)),
-            )
-        return cls(**kwargs)
+        return worker_settings(config, worker)
 
 
 class Worker:

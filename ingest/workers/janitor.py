@@ -11,21 +11,21 @@ import logging
 from dataclasses import dataclass
 
 from .. import deals as store_deals
+from ..settings import parse, setting
 
 log = logging.getLogger("ingest.janitor")
 
 
 @dataclass(frozen=True)
 class JanitorSettings:
-    grace_s: float = 72 * 3600.0
-    healthy_within_s: float = 15 * 60.0
-    max_share: float = 0.05
-    interval_s: float = 600.0
+    grace_s: float = setting(72 * 3600.0, "a deal unseen this long (and missed by a whole pass) may go", min=0, max=365 * 86400)
+    healthy_within_s: float = setting(15 * 60.0, "only while a fetch succeeded this recently", above=0, max=7 * 86400)
+    max_share: float = setting(0.05, "at most this share of the table per sweep", above=0, max=0.2)
+    interval_s: float = setting(600.0, "a sweep this often", min=1, max=7 * 86400)
 
     @classmethod
     def from_config(cls, config: dict) -> "JanitorSettings":
-        section = config.get("janitor") or {}
-        return cls(**{k: float(v) for k, v in section.items() if k in cls.__dataclass_fields__})
+        return parse(cls, config.get("janitor"), "janitor")
 
 
 def removal_cutoff(conn, now: float, settings: JanitorSettings) -> tuple[float | None, str]:

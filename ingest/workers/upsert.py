@@ -13,10 +13,11 @@ fetched for `refresh_after_s`; the janitor (janitor.py) runs here every `janitor
 """
 
 import logging
+from dataclasses import dataclass
 
 from .. import deals as store_deals
-from ..errors import ConfigError
 from ..query import load_query, page_selection
+from ..settings import parse, section_extra, setting
 from . import janitor
 from .backfill import PAGE_SIZE
 from .base import Worker
@@ -56,25 +57,41 @@ def advance_watermark(checkpoint: dict, stored: list[store_deals.Listing]) -> No
             checkpoint["at_watermark"].append(listing.asin)
 
 
+@dataclass(frozen=True)
+class UpsertSettings:
+    """[upsert]: also takes the [worker] keys (overriding them)."""
+
+    poll_s: float = setting(60.0, "poll the newest deals this often (Keepa caches deal results ~120 s)",
+                            min=0.1, max=86400)
+    max_pages: int = setting(3, "newest pages read per poll", min=1, max=67)
+    refresh_after_s: float = setting(24 * 3600.0, "refetch a stored deal's product after this long",
+                                     min=60, max=365 * 86400)
+    min_spare_batch: int = setting(20, "spend spare tokens in batches of at least this many products", min=1, max=100)
+    start_from: str = setting("now", "first poll: 'now' sets the watermark, 'listed' buys what is listed",
+                              choices=("now", "listed"))
+
+    @classmethod
+    def from_config(cls, config: dict) -> "UpsertSettings":
+        return parse(cls, config.get("upsert"), "upsert", extra=section_extra("upsert"))
+
+
 class UpsertWorker(Worker):
     name = "upsert"
 
     def __init__(self, *args, query_option: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.query_option = query_option
-        section = self.config.get("upsert") or {}
-        self.poll_s = float(section.get("poll_s", 60))  # Keepa caches deal results ~120 s
-        self.max_pages = int(section.get("max_pages", 3))
-        self.refresh_after_s = float(section.get("refresh_after_s", 24 * 3600))
-        self.min_spare_batch = int(section.get("min_spare_batch", 20))
-        self.start_from = section.get("start_from", "now")
+        settings = UpsertSettings.from_config(self.config)
+        self.poll_s = settings.poll_s
+        self.max_pages = settings.max_pages
+        self.refresh_after_s = settings.refresh_after_s
+        self.min_spare_batch = settings.min_spare_batch
+        self.start_from = settings.start_from
         self.janitor = janitor.JanitorSettings.from_config(self.config)
         self._next_janitor_at = 0.0
         self._polls = 0
 
     def setup(self) -> None:
-        if self.start_from not in ("now", "listed"):
-            raise ConfigError(f"[upsert] start_from must be \"now\" or \"listed\" (got {self.start_from!r})")
         query, source = load_query(self.query_option, self.config)
         self.query = {**query, "sortType": 1}
         log.info("deal query from %s, newest first", source)
