@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+# the run imports its siblings as bench.* and the project copy from tests/supervised.py
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.chaos_checks import all_rows, format_table  # noqa: E402

@@ -16,18 +16,13 @@ import random
 import shutil
 import signal
 import sqlite3
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.chaos_observe import LeaseSampler, holds_write_lock  # noqa: E402
-from bench.chaos_sim import SimProcess, wait_for  # noqa: E402
-from tests.supervised import SupervisedProject  # noqa: E402
+from bench.chaos_observe import LeaseSampler, holds_write_lock
+from bench.chaos_sim import SimProcess, wait_for
+from tests.supervised import SupervisedProject
 
 LEASES = ("backfill", "upsert")
 

@@ -18,12 +18,10 @@ import time
 import zlib
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ingest import diagnostics  # noqa: E402
-from ingest.funnel import deal_stats, rejections  # noqa: E402
-from ingest.health import assess  # noqa: E402
-from ingest.store import open_db, transaction  # noqa: E402
+from ingest import diagnostics
+from ingest.funnel import deal_stats, rejections
+from ingest.health import assess
+from ingest.store import open_db, transaction
 
 VIEWS = ["lease_health", "token_flow_hourly", "rejections_hourly", "funnel", "deal_freshness", "worker_activity",
          "checkpoint_progress"]
