@@ -15,7 +15,7 @@ from ..errors import IngestError
 from ..logs import redact
 from ..store import open_db, resolve_db_path
 
-COMMAND_MODULES = ["db", "leases", "tokens", "sim", "analyze", "run", "deals", "status", "diagnose"]
+COMMAND_MODULES = ["db", "leases", "tokens", "sim", "analyze", "run", "deals", "status", "diagnose", "sql"]
 
 
 @dataclass
@@ -69,6 +69,21 @@ def echo_json(value) -> None:
     import json
 
     click.echo(json.dumps(value, indent=2, default=str))
+
+
+def echo_table(headers: list[str], rows: list[list], missing: str = "-") -> None:
+    """A plain aligned table (tabulate, which sqlite-utils installs): a header line, then rows;
+    columns of numbers right-aligned; strings are never parsed as numbers (ASIN 0439064872
+    keeps its zero); None is shown as `missing`."""
+    from tabulate import tabulate
+
+    def numeric(i: int) -> bool:
+        values = [r[i] for r in rows if r[i] is not None]
+        return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+    align = ["right" if numeric(i) else "left" for i in range(len(headers))]
+    text = tabulate(rows, headers=headers, tablefmt="plain", missingval=missing, disable_numparse=True, colalign=align)
+    click.echo("\n".join(line.rstrip() for line in text.splitlines()))
 
 
 for _name in COMMAND_MODULES:
