@@ -11,6 +11,7 @@ line and exit 4.
 import base64
 import csv
 import json
+import os
 import sqlite3
 import sys
 from dataclasses import dataclass
@@ -212,6 +213,10 @@ def sql_command(app, query, fmt, params):
     try:
         result = run_query(conn, refused, query, _params(params), path)
         PRINTERS[fmt](result, _fetch(result, refused, path))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `ingest sql ... --csv | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
         conn.close()
 
