@@ -204,9 +204,9 @@ def _params(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
               help="A value for :NAME in the query (repeatable).")
 @click.pass_obj
 def sql_command(app, query, fmt, params):
-    """Run one read-only SQL query (SELECT, WITH ... SELECT, a reading PRAGMA) on the database.
+    """One read-only SQL query, printed as a table, CSV or JSON.
 
-    Writes are refused before they run (exit 1); the database is opened read-only and never
+    QUERY is one SELECT (WITH ... SELECT) or a PRAGMA that only reads. Writes are refused before they run (exit 1); the database is opened read-only and never
     created (a missing file: exit 4). Blobs print as their size (as base64 in --json)."""
     path = app.db_path
     conn, refused = open_read_only(path)
