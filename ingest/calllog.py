@@ -3,8 +3,6 @@ cost, status, latency, redacted error), kept for `[ledger] call_log_days` days (
 
 from dataclasses import dataclass
 
-import sqlite_utils
-
 from .logs import redact
 
 DEFAULT_RETENTION_DAYS = 30.0
@@ -39,10 +37,14 @@ def prune(conn, now: float, days: float = DEFAULT_RETENTION_DAYS) -> int:
     return conn.execute("DELETE FROM keepa_calls WHERE at < ?", (now - days * 86400,)).rowcount
 
 
-def _read_table(conn, name: str) -> sqlite_utils.db.Table:
+def _read_table(conn, name: str) -> "sqlite_utils.db.Table":
     """A sqlite-utils view of one table on the caller's connection, for reads only: with
     recursive_triggers=False and execute_plugins=False it sends nothing to the connection.
-    Never for writes: its atomic() is a deferred BEGIN (store.transaction is the way)."""
+    Never for writes: its atomic() is a deferred BEGIN (store.transaction is the way).
+    Imported here, not at the top: the workers import this module, and sqlite-utils takes
+    0.1-0.3 s to import, which a restarted worker would add to its handover."""
+    import sqlite_utils
+
     return sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False).table(name)
 
 
