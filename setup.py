@@ -12,6 +12,8 @@ setup(
         "requests>=2.31",
         "sqlite-utils>=3.36",
         "supervisor>=4.2",
+        # CLI tables (sqlite-utils depends on it too; imported directly, so declared)
+        "tabulate>=0.9",
     ],
     extras_require={
         "test": [

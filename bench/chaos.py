@@ -2,17 +2,21 @@
 """Chaos run: the whole system under supervisord against the simulator with faults on, while
 workers are killed, paused past their TTL, their leases force-released and supervisord
 restarted; then it settles and the invariants are checked. Prints a table; exits 1 on any
-violation. See docs/chaos.md.
+violation. Interrupted (Ctrl-C, SIGTERM, SIGHUP, e.g. from `timeout`), it stops its
+supervisord, the workers and the simulator before it exits 128 + the signal number. See
+docs/chaos.md.
 
     .venv/bin/python bench/chaos.py --duration 600
     .venv/bin/python bench/chaos.py --duration 90 --seed 3 --keep /tmp/chaos-out
 """
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
 
+# the run imports its siblings as bench.* and the project copy from tests/supervised.py
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.chaos_checks import all_rows, format_table  # noqa: E402
@@ -39,17 +43,55 @@ def settings_for(duration: float, seed: int = 1, products: int | None = None, st
                          settle_timeout_s=300.0 if duration >= 300 else 90.0)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(BaseException):
+    """A stop signal arrived. A BaseException, so no `except Exception` in the run swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, _frame):
+    raise Interrupted(signum)
+
+
+def _already_stopping(signum, _frame):
+    # not SIG_IGN: an ignored signal stays ignored in the children the cleanup starts
+    print(f"{signal.Signals(signum).name}: still stopping the run's processes, please wait", flush=True)
+
+
+def _set_stop_handlers(handler) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     settings = settings_for(args.duration, args.seed, args.products, not args.no_standby)
     started = time.monotonic()
     run = ChaosRun(settings, log=lambda line: print(line, flush=True))
     keep = Path(args.keep) if args.keep else None
+    interrupted: Interrupted | None = None
+    _set_stop_handlers(_interrupt)
     try:
         result = run.execute()
         rows = all_rows(result)
+    except Interrupted as e:
+        interrupted = e
+        run_for = time.monotonic() - started
     finally:
+        _set_stop_handlers(_already_stopping)  # a second Ctrl-C must not cut the cleanup short
+        if interrupted:
+            print(f"\n{interrupted}: stopping supervisord, the workers and the simulator", flush=True)
         run.close(keep_to=keep)
+    if interrupted:
+        print(f"chaos run interrupted by {interrupted} after {run_for:.0f}s; everything stopped "
+              f"{time.monotonic() - started - run_for:.0f}s later"
+              + (f"; database and logs kept in {keep}" if keep else ""), flush=True)
+        return 128 + interrupted.signum
     print()
     print(f"chaos run: {settings.duration_s:.0f}s of chaos, seed {settings.seed}, {settings.products} products, "
           f"ttl {settings.ttl_s:g}s / renew {settings.renew_s:g}s / retry {settings.retry_s:g}s, "

@@ -7,7 +7,8 @@ See docs/chaos.md for what is injected and how each invariant is defined.
     try:
         result = run.execute()          # RunResult: timeline, samples, sim stats, db path
     finally:
-        run.close()
+        run.close()                     # stops supervisord, the workers and the simulator, even
+                                        # when execute() was interrupted half-way
 """
 
 import json
@@ -16,18 +17,13 @@ import random
 import shutil
 import signal
 import sqlite3
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.chaos_observe import LeaseSampler, holds_write_lock  # noqa: E402
-from bench.chaos_sim import SimProcess, wait_for  # noqa: E402
-from tests.supervised import SupervisedProject  # noqa: E402
+from bench.chaos_observe import LeaseSampler, holds_write_lock
+from bench.chaos_sim import SimProcess, wait_for
+from tests.supervised import SupervisedProject
 
 LEASES = ("backfill", "upsert")
 
@@ -115,6 +111,7 @@ class ChaosRun:
         self.sampler: LeaseSampler | None = None
         self.t0 = 0.0
         self._log_file = None
+        self._paused: int | None = None   # a worker we SIGSTOPped and have not SIGCONTed yet
 
     # ------------------------------------------------------------ setup and teardown
 
@@ -147,18 +144,32 @@ class ChaosRun:
         return [f"{n}{suffix}" for n in LEASES for suffix in (("", "-standby") if self.s.standby else ("",))]
 
     def close(self, keep_to: Path | None = None) -> None:
+        """Stop everything the run started, whatever state execute() was left in: a paused worker
+        is continued (a stopped process ignores SIGTERM), supervisord is shut down (its workers
+        with it), the simulator stopped, and then any process still running from the project's
+        copy (found by command line or working directory) is killed with its process group."""
+        if self._paused is not None:
+            _signal(self._paused, signal.SIGCONT)
+            self._paused = None
         if self.sampler is not None and self.sampler.is_alive():
             self.sampler.stop_event.set()
             self.sampler.join(5)
-        if self.project is not None:
+        root = self.project.root if self.project is not None else None
+        try:
+            if self.project is not None:
+                try:
+                    if keep_to is not None:
+                        self.project.script("stop", check=False, timeout=180)
+                        shutil.copytree(self.project.root / "var", keep_to, dirs_exist_ok=True)
+                finally:
+                    self.project.close()
+        finally:
             try:
-                if keep_to is not None:
-                    self.project.script("stop", check=False, timeout=180)
-                    shutil.copytree(self.project.root / "var", keep_to, dirs_exist_ok=True)
+                if self.sim is not None:
+                    self.sim.stop()
             finally:
-                self.project.close()
-        if self.sim is not None:
-            self.sim.stop()
+                if root is not None:
+                    kill_processes_of(root)
 
     # ------------------------------------------------------------ the run
 
@@ -254,6 +265,7 @@ class ChaosRun:
         pid, fence = row["holder_pid"], row["fence"]
         pause = self.s.ttl_s + self.rng.uniform(1.5, 3.0)
         at = time.time()
+        self._paused = pid
         os.kill(pid, signal.SIGSTOP)
         time.sleep(0.05)
         locked = holds_write_lock(self.project.db_path, pid)
@@ -262,6 +274,7 @@ class ChaosRun:
         time.sleep(pause)
         cont = time.time()
         os.kill(pid, signal.SIGCONT)
+        self._paused = None
         if locked:
             self.windows.append(Window("write_locked_stop", at, cont))
             self.events[-1].ref_at = cont
@@ -291,6 +304,8 @@ class ChaosRun:
         done = self.project.script("start", check=False, timeout=90)
         if done.returncode != 0:
             self.log(f"scripts/start exited {done.returncode}: {done.stdout.strip()} {done.stderr.strip()}")
+        # tests/test_chaos.py reads this line to know what to look for after an interruption
+        self.log(f"[{time.time() - self.t0:7.1f}s] supervisord up: pid {self.project.supervisord_pid} in {self.project.root}")
 
     def do_window_429(self) -> None:
         duration = min(self.s.window_429_s, max(5.0, 0.1 * self.s.duration_s))
@@ -337,3 +352,61 @@ class ChaosRun:
             return json.loads(done.stdout)
         except ValueError:
             return None
+
+
+# ---------------------------------------------------------------- cleanup
+
+def _signal(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def processes_of(root: Path) -> list[int]:
+    """Pids of the processes running from the project copy at `root` (other than this one): its
+    path on their command line (workers, simulator) or as their working directory (supervisord,
+    scripts). Reads /proc."""
+    prefix = str(root)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(entry / "cwd").removesuffix(" (deleted)")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if prefix + "/" in cmdline or cwd == prefix or cwd.startswith(prefix + "/"):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_processes_of(root: Path, grace_s: float = 5.0) -> list[int]:
+    """SIGTERM, then after `grace_s` SIGKILL, every process of the project copy at `root` and
+    its process group (supervisord's programs each lead their own group); returns the pids found."""
+    pids = processes_of(root)
+    if not pids:
+        return []
+    own_group = os.getpgrp()
+
+    def send(sig: int) -> None:
+        for pid in processes_of(root):
+            _signal(pid, signal.SIGCONT)
+            try:
+                group = os.getpgid(pid)
+            except ProcessLookupError:
+                continue
+            if group != own_group:
+                try:
+                    os.killpg(group, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            _signal(pid, sig)
+
+    send(signal.SIGTERM)
+    if wait_for(lambda: not processes_of(root), grace_s, 0.1) is None:
+        send(signal.SIGKILL)
+        wait_for(lambda: not processes_of(root), 5.0, 0.1)
+    return pids

@@ -12,50 +12,74 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sqlite_utils
 
-from ingest import diagnostics  # noqa: E402
-from ingest.funnel import deal_stats, rejections  # noqa: E402
-from ingest.health import assess  # noqa: E402
-from ingest.store import open_db, transaction  # noqa: E402
+from ingest import diagnostics
+from ingest.funnel import deal_stats, rejections
+from ingest.health import assess
+from ingest.store import open_db, transaction
 
 VIEWS = ["lease_health", "token_flow_hourly", "rejections_hourly", "funnel", "deal_freshness", "worker_activity",
          "checkpoint_progress"]
 
 
-def build(conn, deals: int, days: int, now: float) -> None:
+REASONS = [("accepted", "ok"), ("rejected", "not_below_average"), ("rejected", "no_sales"), ("rejected", "too_new"),
+           ("incomplete", "no_history")]
+
+
+def deal_rows(deals: int, span: float, now: float) -> Iterator[dict]:
     rng = random.Random(7)
+    for i in range(deals):
+        status, reason = rng.choice(REASONS)
+        seen = now - rng.random() * span
+        yield {"asin": f"{i:010d}", "status": status, "reason": reason, "first_seen": seen - 3600, "last_seen": seen,
+               "last_fetched": seen, "source": "backfill", "fence": 1, "writer": "backfill"}
+
+
+def decision_rows(deals: int, span: float, now: float) -> Iterator[dict]:
+    rng = random.Random(8)
+    for i in range(deals):
+        for _ in range(3):
+            outcome, reason = rng.choice(REASONS)
+            yield {"at": now - rng.random() * span, "worker": "backfill", "asin": f"{i:010d}", "outcome": outcome,
+                   "reason": reason, "fence": 1}
+
+
+def call_rows(span: float, now: float) -> Iterator[dict]:
+    """A Keepa call every 2 s over the span."""
+    rng = random.Random(9)
+    for k in range(int(span // 2)):
+        yield {"at": now - span + 2 * k, "worker": rng.choice(["backfill", "upsert"]), "endpoint": "product",
+               "asins": 100, "estimated": 100, "actual": 100, "status": "ok", "tokens_left": 500}
+
+
+def lease_event_rows(days: int, now: float) -> Iterator[dict]:
+    for h in range(days * 24):
+        yield {"name": "backfill", "at": now - h * 3600, "event": "acquired", "fence": h + 1}
+
+
+def build(path: Path, deals: int, days: int, now: float) -> None:
+    """Seed the (migrated, idle) bench database through its own sqlite-utils connection:
+    insert_all for the rows, inside the project's BEGIN IMMEDIATE transaction (sqlite-utils'
+    atomic() would be a deferred BEGIN; its inserts nest as savepoints inside ours)."""
     span = days * 86400
     blob = zlib.compress(json.dumps({"csv": [list(range(0, 2000, 3))] * 4}).encode())
-    reasons = [("accepted", "ok"), ("rejected", "not_below_average"), ("rejected", "no_sales"),
-               ("rejected", "too_new"), ("incomplete", "no_history")]
-    with transaction(conn):
-        for i in range(deals):
-            asin = f"{i:010d}"
-            status, reason = rng.choice(reasons)
-            seen = now - rng.random() * span
-            conn.execute("INSERT INTO deals (asin, status, reason, first_seen, last_seen, last_fetched, source, fence,"
-                         " writer) VALUES (?, ?, ?, ?, ?, ?, 'backfill', 1, 'backfill')",
-                         (asin, status, reason, seen - 3600, seen, seen))
-            conn.execute("INSERT INTO product_history VALUES (?, ?, ?)", (asin, seen, blob))
-            for _ in range(3):
-                outcome, why = rng.choice(reasons)
-                conn.execute("INSERT INTO decisions (at, worker, asin, outcome, reason, fence) VALUES (?, 'backfill', ?, ?, ?, 1)",
-                             (now - rng.random() * span, asin, outcome, why))
-        t = now - span
-        while t < now:
-            conn.execute("INSERT INTO keepa_calls (at, worker, endpoint, asins, estimated, actual, status, tokens_left)"
-                         " VALUES (?, ?, 'product', 100, 100, 100, 'ok', 500)", (t, rng.choice(["backfill", "upsert"])))
-            t += 2
-        for h in range(days * 24):
-            conn.execute("INSERT INTO lease_events (name, at, event, fence) VALUES ('backfill', ?, 'acquired', ?)",
-                         (now - h * 3600, h + 1))
+    seed = sqlite_utils.Database(path, recursive_triggers=False, execute_plugins=False)
+    try:
+        with transaction(seed.conn):
+            seed["deals"].insert_all(deal_rows(deals, span, now), batch_size=500)
+            seed.conn.execute("INSERT INTO product_history SELECT asin, last_seen, ? FROM deals", (blob,))
+            seed["decisions"].insert_all(decision_rows(deals, span, now), batch_size=500)
+            seed["keepa_calls"].insert_all(call_rows(span, now), batch_size=500)
+            seed["lease_events"].insert_all(lease_event_rows(days, now))
+    finally:
+        seed.close()
 
 
 def timed(label: str, fn, repeat: int = 3) -> None:
@@ -77,7 +101,7 @@ def main() -> None:
         conn = open_db(path)
         now = time.time()
         t0 = time.perf_counter()
-        build(conn, args.deals, args.days, now)
+        build(path, args.deals, args.days, now)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         calls = conn.execute("SELECT count(*) FROM keepa_calls").fetchone()[0]
         size = os.path.getsize(path) / 2**20

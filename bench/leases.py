@@ -22,11 +22,10 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from ingest.leases import Lease, LeaseTiming
+from ingest.store import open_db, transaction
 
-from ingest.leases import Lease, LeaseTiming  # noqa: E402
-from ingest.store import open_db, transaction  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 HELPER = str(ROOT / "tests" / "lease_worker.py")
 

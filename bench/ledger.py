@@ -24,9 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# bench/ holds a script named ingest.py: keep it from shadowing the ingest package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 HERE = Path(__file__).resolve().parent
 BENCH_VENV_PYTHON = HERE / ".venv" / "bin" / "python"
 MODES = ["ledger", "bare", "pyrate", "naive"]

@@ -23,9 +23,6 @@ import threading
 import time
 from pathlib import Path
 
-# bench/ holds a script named ingest.py: keep it from shadowing the ingest package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 KEY = "bench-key-not-a-secret-0000"
 GUARD_S = 2.0  # workers stop this long before the end, so a tick landing at the very end is not counted
 

@@ -16,7 +16,7 @@ class CallRecord:
     asins: int = 0
     estimated: float | None = None
     actual: int | None = None
-    status: str = "ok"   # ok | rate_limited | request_error | transient | malformed | stopped
+    status: str = "ok"   # ok | rate_limited | request_error | transient | malformed | error
     http_status: int | None = None
     latency_ms: float | None = None
     tokens_left: int | None = None
@@ -37,15 +37,21 @@ def prune(conn, now: float, days: float = DEFAULT_RETENTION_DAYS) -> int:
     return conn.execute("DELETE FROM keepa_calls WHERE at < ?", (now - days * 86400,)).rowcount
 
 
+def _read_table(conn, name: str) -> "sqlite_utils.db.Table":
+    """A sqlite-utils view of one table on the caller's connection, for reads only: with
+    recursive_triggers=False and execute_plugins=False it sends nothing to the connection.
+    Never for writes: its atomic() is a deferred BEGIN (store.transaction is the way).
+    Imported here, not at the top: the workers import this module, and sqlite-utils takes
+    0.1-0.3 s to import, which a restarted worker would add to its handover."""
+    import sqlite_utils
+
+    return sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False).table(name)
+
+
 def recent(conn, limit: int = 50, worker: str | None = None) -> list[dict]:
-    sql = "SELECT * FROM keepa_calls"
-    args: list = []
-    if worker:
-        sql += " WHERE worker = ?"
-        args.append(worker)
-    sql += " ORDER BY id DESC LIMIT ?"
-    args.append(limit)
-    return [dict(r) for r in conn.execute(sql, args).fetchall()]
+    """The newest `limit` calls, newest first, optionally of one worker only."""
+    where, args = ("worker = ?", [worker]) if worker else (None, None)
+    return list(_read_table(conn, "keepa_calls").rows_where(where, args, order_by="id DESC", limit=int(limit)))
 
 
 def spend_by_worker(conn, since: float) -> dict[str, dict]:

@@ -16,7 +16,7 @@ from ..logs import redact
 from ..settings import Settings, load_settings
 from ..store import open_db, resolve_db_path
 
-COMMAND_MODULES = ["config", "db", "leases", "tokens", "sim", "analyze", "run", "deals", "status", "diagnose"]
+COMMAND_MODULES = ["config", "db", "leases", "tokens", "sim", "analyze", "run", "deals", "status", "diagnose", "sql"]
 
 UNCHECKED_COMMANDS = {"config", None}  # `config check` reports the problems itself
 
@@ -84,6 +84,23 @@ def echo_json(value) -> None:
     import json
 
     click.echo(json.dumps(value, indent=2, default=str))
+
+
+def echo_table(headers: list[str], rows: list[list], missing: str = "-", right: tuple[str, ...] = (),
+               indent: str = "") -> None:
+    """A plain aligned table (tabulate, which sqlite-utils installs): a header line, then rows.
+    Columns of numbers, and those named in `right`, are right-aligned; strings are never parsed
+    as numbers (ASIN 0439064872 keeps its zero); None is shown as `missing`; every line starts
+    with `indent`."""
+    from tabulate import tabulate
+
+    def numeric(i: int) -> bool:
+        values = [r[i] for r in rows if r[i] is not None]
+        return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+    align = ["right" if h in right or numeric(i) else "left" for i, h in enumerate(headers)]
+    text = tabulate(rows, headers=headers, tablefmt="plain", missingval=missing, disable_numparse=True, colalign=align)
+    click.echo("\n".join(indent + line.rstrip() for line in text.splitlines()))
 
 
 for _name in COMMAND_MODULES:

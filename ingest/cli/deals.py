@@ -2,7 +2,7 @@
 
 import click
 
-from . import echo_json
+from . import echo_json, echo_table
 from .. import deals as store_deals
 
 
@@ -21,13 +21,10 @@ def deals_group(ctx, status, limit, as_json):
         return
     counts = store_deals.deal_counts(ctx.obj.db())
     click.echo("  ".join(f"{k}: {v}" for k, v in counts.items()))
-    click.echo(f"{'ASIN':<12} {'STATUS':<11} {'REASON':<20} {'USED':>8} {'1YR AVG':>8} {'SALES':>5}  TITLE")
-    for row in rows:
-        click.echo(
-            f"{row['asin']:<12} {row['status']:<11} {row['reason']:<20} {_cents(row['used_price_cents']):>8}"
-            f" {_cents(row['one_year_avg_cents']):>8} {row['avg_sales'] if row['avg_sales'] is not None else '-':>5}"
-            f"  {(row['title'] or '')[:50]}"
-        )
+    echo_table(["ASIN", "STATUS", "REASON", "USED", "1YR AVG", "SALES", "TITLE"],
+               [[row["asin"], row["status"], row["reason"], _cents(row["used_price_cents"]),
+                 _cents(row["one_year_avg_cents"]), row["avg_sales"], (row["title"] or "")[:50]] for row in rows],
+               right=("USED", "1YR AVG"))
 
 
 def _cents(value):

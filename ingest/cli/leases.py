@@ -24,12 +24,6 @@ def _alive(value: bool | None) -> str:
     return {True: "yes", False: "no", None: "?"}[value]
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    for line in [headers, *rows]:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
-
-
 @click.group("leases", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="A JSON list instead of a table.")
 @click.pass_context
@@ -38,7 +32,7 @@ def leases(ctx, as_json):
     an estimate from wall clocks ('~') for holders on other hosts."""
     if ctx.invoked_subcommand is not None:
         return
-    from . import echo_json
+    from . import echo_json, echo_table
 
     rows = lease_rows(ctx.obj.db())
     if as_json:
@@ -47,7 +41,7 @@ def leases(ctx, as_json):
     if not rows:
         click.echo("no leases yet")
         return
-    _table(
+    echo_table(
         ["NAME", "HOLDER", "PID", "ALIVE", "FENCE", "HELD FOR", "HEARTBEAT", "EXPIRES IN", "STATE"],
         [
             [
@@ -68,7 +62,7 @@ def leases(ctx, as_json):
 @click.pass_obj
 def history(app, name, limit, as_json):
     """Lease events (acquired, released, taken over, lost, force-released), oldest first."""
-    from . import echo_json
+    from . import echo_json, echo_table
 
     conn = app.db()
     if name and not lease_exists(conn, name) and not lease_history(conn, name, 1):
@@ -80,7 +74,7 @@ def history(app, name, limit, as_json):
     if not events:
         click.echo("no lease events yet")
         return
-    _table(
+    echo_table(
         ["ID", "AT", "LEASE", "EVENT", "FENCE", "HOLDER", "DETAIL"],
         [
             [str(e["id"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"])), e["name"], e["event"],

@@ -9,7 +9,8 @@ from datetime import datetime
 import click
 
 from ..supervisor import SupervisorView, describe_exit, probe
-from .leases import _duration, _table
+from . import echo_table
+from .leases import _duration
 
 try:
     from ..health import assess
@@ -131,8 +132,7 @@ def _show_supervisor(s: dict) -> None:
 
 
 def _indented(headers, rows) -> None:
-    # _table echoes; indent by prefixing the first column
-    _table(["  " + headers[0], *headers[1:]], [["  " + r[0], *r[1:]] for r in rows])
+    echo_table(headers, rows, indent="  ")
 
 
 def _show_leases(leases: list[dict]) -> None:

@@ -125,13 +125,16 @@ def history(app, limit, worker, as_json):
     if not rows:
         click.echo("no Keepa calls logged")
         return
-    click.echo(f"{'time (UTC)':<26}{'worker':<10}{'endpoint':<9}{'asins':>6}{'est':>6}{'cost':>6}"
-               f"{'left':>7}  {'status':<14}{'ms':>7}  error")
-    for r in rows:
-        est = "-" if r["estimated"] is None else f"{r['estimated']:g}"
-        click.echo(f"{_iso(r['at']):<26}{r['worker']:<10}{r['endpoint']:<9}{r['asins']:>6}{est:>6}"
-                   f"{'-' if r['actual'] is None else r['actual']:>6}{'-' if r['tokens_left'] is None else r['tokens_left']:>7}"
-                   f"  {r['status']:<14}{r['latency_ms'] or 0:>7.0f}  {r['error'] or ''}")
+    from . import echo_table
+
+    echo_table(["time (UTC)", "worker", "endpoint", "asins", "est", "cost", "left", "status", "ms", "error"],
+               [[_iso(r["at"]), r["worker"], r["endpoint"], r["asins"], _number(r["estimated"]), r["actual"],
+                 r["tokens_left"], r["status"], round(r["latency_ms"] or 0), r["error"] or ""] for r in rows])
+
+
+def _number(value: float | None) -> int | float | None:
+    """5.0 as 5 (an estimate is often whole), other values as they are."""
+    return int(value) if value is not None and float(value).is_integer() else value
 
 
 @tokens.command("sync")

@@ -1,6 +1,6 @@
 """Both workers against the simulator for a few minutes: what do the tokens buy?
 
-    .venv/bin/python bench/ingest.py [--duration 180] [--rate 300] [--products 5000]
+    .venv/bin/python bench/throughput.py [--duration 180] [--rate 300] [--products 5000]
 
 Runs `ingest run backfill` and `ingest run upsert` as real processes on one database against
 the simulator (refill --rate tokens/min, starting with one minute of tokens), stops them with
@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 INGEST = str(Path(sys.executable).parent / "ingest")
 
 CONFIG = """
