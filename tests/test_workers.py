@@ -95,9 +95,14 @@ def test_both_workers_share_tokens_without_429(tmp_path, db_path):
         stats = simulator.stats()
     finally:
         simulator.stop()
-    spent = dict(query(db_path, "SELECT worker, tokens_spent FROM worker_progress"))
+    spent = dict(query(db_path, "SELECT worker, sum(actual) FROM keepa_calls GROUP BY worker"))
     assert stats["responses_429"] == 0, (stats, spent)
     assert spent.get("backfill", 0) > 0 and spent.get("upsert", 0) > 0, spent
+    # progress (what `ingest status` shows) reads the same call log: one count of the tokens
+    from ingest.deals import progress_rows
+    from ingest.store import open_db
+    shown = {p["worker"]: p["tokens_spent"] for p in progress_rows(open_db(db_path))}
+    assert shown == spent
 
 
 def test_incomplete_product_is_retried_and_then_accepted_or_rejected(sim, env, db_path):
@@ -158,7 +163,10 @@ def test_bad_query_is_a_config_error_before_any_token(sim, env, tmp_path, db_pat
     result = run_worker("backfill", env, "--query", str(bad))
     assert result.returncode == 3
     assert "priceTypes" in result.stderr
-    assert result.stderr.strip().count("\n") == 0 or "Traceback" not in result.stderr
+    # one line, no traceback: what an operator reads in `supervisorctl tail`
+    error_lines = [line for line in result.stderr.splitlines() if " ERROR " in line or "Error" in line]
+    assert len(error_lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
     assert sim.stats()["tokens_consumed"] == 0
 
 
