@@ -298,8 +298,8 @@ def note_fenced_commit(conn, ctx: WriteContext, lease: str, pid: int, what: str)
     )
 
 
-PROGRESS_COUNTERS = ("pages", "deals_seen", "accepted", "rejected", "incomplete", "removed",
-                     "tokens_spent", "passes", "errors")
+# tokens are not among them: the ledger's call log (keepa_calls) is the one count of spending
+PROGRESS_COUNTERS = ("pages", "deals_seen", "accepted", "rejected", "incomplete", "removed", "passes", "errors")
 
 
 def update_progress(conn, worker: str, now: float, *, counters: dict[str, int] | None = None,

@@ -57,10 +57,17 @@ def test_janitor_candidates_are_bounded_by_share(conn):
 
 def test_progress_counters_add_and_fields_set(conn):
     with transaction(conn):
-        deals.update_progress(conn, "upsert", 1.0, state="working", counters={"accepted": 2, "tokens_spent": 5})
+        deals.update_progress(conn, "upsert", 1.0, state="working", counters={"accepted": 2})
         deals.update_progress(conn, "upsert", 2.0, counters={"accepted": 1}, detail={"watermark": 7})
+        # tokens come from the ledger's call log, a charged failure included
+        for actual, status in ((3, "ok"), (2, "transient"), (None, "rate_limited")):
+            conn.execute("INSERT INTO keepa_calls (at, worker, endpoint, actual, status) VALUES (1, 'upsert', 'product', ?, ?)",
+                         (actual, status))
+        conn.execute("INSERT INTO keepa_calls (at, worker, endpoint, actual, status) VALUES (1, 'backfill', 'deal', 9, 'ok')")
     row = deals.progress_rows(conn)[0]
     assert (row["state"], row["accepted"], row["tokens_spent"], row["updated_at"], row["detail"]) == (
         "working", 3, 5, 2.0, '{"watermark":7}')
     with pytest.raises(ValueError):
         deals.update_progress(conn, "upsert", 3.0, counters={"bogus": 1})
+    with pytest.raises(ValueError):  # a second count of the tokens cannot creep back in
+        deals.update_progress(conn, "upsert", 3.0, counters={"tokens_spent": 1})
