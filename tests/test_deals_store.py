@@ -71,3 +71,18 @@ def test_progress_counters_add_and_fields_set(conn):
         deals.update_progress(conn, "upsert", 3.0, counters={"bogus": 1})
     with pytest.raises(ValueError):  # a second count of the tokens cannot creep back in
         deals.update_progress(conn, "upsert", 3.0, counters={"tokens_spent": 1})
+
+
+def test_retry_count_written_after_a_batch_was_prepared_is_not_lost(conn, db_path):
+    """Outcomes are prepared before the write transaction; the other worker may retry the same
+    deal in between. The count is read inside the transaction, so both attempts count."""
+    backoff = deals.RetryBackoff()
+    prepared = [deals.unfetched_outcome("A1", None, "not_returned"), deals.unfetched_outcome("NEW", None, "not_returned")]
+    other = open_db(db_path)  # the other worker, committing first
+    with transaction(other):
+        deals.record_unfetched(other, ctx(500.0, "retry"), "A1", None, "not_returned", backoff)
+    with transaction(conn):
+        deals.store_outcomes(conn, ctx(), prepared, backoff)
+    attempts = dict(conn.execute("SELECT asin, fetch_attempts FROM deals").fetchall())
+    assert attempts == {"A1": 2, "NEW": 1}
+    assert conn.execute("SELECT next_retry_at FROM deals WHERE asin = 'A1'").fetchone()[0] == 1000.0 + backoff.delay(2)
