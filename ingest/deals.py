@@ -6,6 +6,7 @@ import json
 import sqlite3
 import zlib
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, Iterable
 
 STATUSES = ("accepted", "rejected", "incomplete")
@@ -75,30 +76,28 @@ def log_decision(conn, ctx: WriteContext, asin: str, outcome: str, reason: str, 
     )
 
 
-def _upsert_deal(conn, ctx: WriteContext, asin: str, listing: Listing | None, values: dict, exists: bool) -> None:
-    """Insert or update one deal row. A listing (seen in a deal page) refreshes last_seen."""
-    row = {
-        "asin": asin,
-        "source": ctx.source,
-        "fence": ctx.fence,
-        "writer": ctx.worker,
-        **values,
-    }
-    if listing is not None:
-        row["deal_last_update"] = listing.last_update
-        for key in ("title", "category", "sales_rank", "used_price_cents", "new_price_cents"):
-            if row.get(key) is None and getattr(listing, key) is not None:
-                row[key] = getattr(listing, key)
+def _with_listing(values: dict, listing: Listing | None) -> dict:
+    """Deal columns the listing fills in where the product left them empty."""
+    if listing is None:
+        return values
+    row = {**values, "deal_last_update": listing.last_update}
+    for key in ("title", "category", "sales_rank", "used_price_cents", "new_price_cents"):
+        if row.get(key) is None and getattr(listing, key) is not None:
+            row[key] = getattr(listing, key)
+    return row
+
+
+def _deal_statement(ctx: WriteContext, outcome: "Outcome", exists: bool, values: dict) -> tuple[str, dict]:
+    """The INSERT or UPDATE of one deal row. A listing (seen in a deal page) refreshes last_seen."""
+    row = {"asin": outcome.asin, "source": ctx.source, "fence": ctx.fence, "writer": ctx.worker, **values}
     if exists:
-        if listing is not None:
+        if outcome.listing is not None:
             row["last_seen"] = ctx.now
         sets = ", ".join(f"{k} = :{k}" for k in row if k != "asin")
-        conn.execute(f"UPDATE deals SET {sets} WHERE asin = :asin", row)
-    else:
-        row.setdefault("first_seen", ctx.now)
-        row.setdefault("last_seen", ctx.now)
-        cols = ", ".join(row)
-        conn.execute(f"INSERT INTO deals ({cols}) VALUES ({', '.join(':' + k for k in row)})", row)
+        return f"UPDATE deals SET {sets} WHERE asin = :asin", row
+    row.setdefault("first_seen", ctx.now)
+    row.setdefault("last_seen", ctx.now)
+    return f"INSERT INTO deals ({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})", row
 
 
 @dataclass(frozen=True)
@@ -136,14 +135,14 @@ def evaluated_outcome(asin: str, listing: Listing | None, product: dict, evaluat
         "status": evaluation.status,
         "reason": evaluation.reason,
     }
-    return Outcome(asin, listing, evaluation.status, evaluation.reason, values, compress_product(product),
-                   values["one_year_avg_cents"])
+    return Outcome(asin, listing, evaluation.status, evaluation.reason, _with_listing(values, listing),
+                   compress_product(product), values["one_year_avg_cents"])
 
 
 def unfetched_outcome(asin: str, listing: Listing | None, cause: str) -> Outcome:
     """A listed deal whose product could not be had (not returned, fetch kept failing):
     incomplete with its cause and a retry time, never a rejection."""
-    return Outcome(asin, listing, "incomplete", cause, {"status": "incomplete", "reason": cause})
+    return Outcome(asin, listing, "incomplete", cause, _with_listing({"status": "incomplete", "reason": cause}, listing))
 
 
 def stored_attempts(conn, asins: list[str]) -> dict[str, int]:
@@ -162,6 +161,7 @@ def store_outcomes(conn, ctx: WriteContext, outcomes: list[Outcome], retry_backo
     since the batch was prepared, so a count read before the transaction could be stale and
     an attempt would be lost (or a row inserted twice)."""
     attempts = stored_attempts(conn, [o.asin for o in outcomes])
+    deal_rows, histories, decisions = [], [], []
     for o in outcomes:
         exists = o.asin in attempts
         tries = (attempts.get(o.asin) or 0) + 1 if o.incomplete else 0
@@ -169,15 +169,22 @@ def store_outcomes(conn, ctx: WriteContext, outcomes: list[Outcome], retry_backo
                   "next_retry_at": retry_backoff.next_retry_at(ctx.now, tries) if o.incomplete else None}
         if o.product_z is not None:
             values["last_fetched"] = ctx.now
-        _upsert_deal(conn, ctx, o.asin, o.listing, values, exists)
-        if o.product_z is not None:
-            conn.execute(
-                "INSERT INTO product_history (asin, fetched_at, product_z) VALUES (?, ?, ?)"
-                " ON CONFLICT (asin) DO UPDATE SET fetched_at = excluded.fetched_at, product_z = excluded.product_z",
-                (o.asin, ctx.now, o.product_z),
-            )
-        log_decision(conn, ctx, o.asin, o.status, o.reason, o.average_cents)
-        attempts[o.asin] = tries  # the same ASIN twice in one batch counts twice
+            histories.append((o.asin, ctx.now, o.product_z))
+        deal_rows.append(_deal_statement(ctx, o, exists, values))
+        decisions.append((ctx.now, ctx.worker, o.asin, o.status, o.reason, o.average_cents, ctx.fence))
+        attempts[o.asin] = tries  # the same ASIN twice in one batch: inserted once, counted twice
+    for sql, group in groupby(deal_rows, key=lambda statement: statement[0]):  # in order, alike runs at once
+        conn.executemany(sql, [params for _, params in group])
+    conn.executemany(
+        "INSERT INTO product_history (asin, fetched_at, product_z) VALUES (?, ?, ?)"
+        " ON CONFLICT (asin) DO UPDATE SET fetched_at = excluded.fetched_at, product_z = excluded.product_z",
+        histories,
+    )
+    conn.executemany(
+        "INSERT INTO decisions (at, worker, asin, outcome, reason, one_year_avg_cents, fence)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        decisions,
+    )
 
 
 def record_evaluation(conn, ctx: WriteContext, asin: str, listing: Listing | None, product: dict,
