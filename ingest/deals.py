@@ -6,6 +6,7 @@ import json
 import sqlite3
 import zlib
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, Iterable
 
 STATUSES = ("accepted", "rejected", "incomplete")
@@ -75,43 +76,53 @@ def log_decision(conn, ctx: WriteContext, asin: str, outcome: str, reason: str, 
     )
 
 
-def _upsert_deal(conn, ctx: WriteContext, asin: str, listing: Listing | None, values: dict) -> None:
-    """Insert or update one deal row. A listing (seen in a deal page) refreshes last_seen."""
-    row = {
-        "asin": asin,
-        "source": ctx.source,
-        "fence": ctx.fence,
-        "writer": ctx.worker,
-        **values,
-    }
-    if listing is not None:
-        row["deal_last_update"] = listing.last_update
-        for key in ("title", "category", "sales_rank", "used_price_cents", "new_price_cents"):
-            if row.get(key) is None and getattr(listing, key) is not None:
-                row[key] = getattr(listing, key)
-    existing = conn.execute("SELECT 1 FROM deals WHERE asin = ?", (asin,)).fetchone()
-    if existing:
-        if listing is not None:
+def _with_listing(values: dict, listing: Listing | None) -> dict:
+    """Deal columns the listing fills in where the product left them empty."""
+    if listing is None:
+        return values
+    row = {**values, "deal_last_update": listing.last_update}
+    for key in ("title", "category", "sales_rank", "used_price_cents", "new_price_cents"):
+        if row.get(key) is None and getattr(listing, key) is not None:
+            row[key] = getattr(listing, key)
+    return row
+
+
+def _deal_statement(ctx: WriteContext, outcome: "Outcome", exists: bool, values: dict) -> tuple[str, dict]:
+    """The INSERT or UPDATE of one deal row. A listing (seen in a deal page) refreshes last_seen."""
+    row = {"asin": outcome.asin, "source": ctx.source, "fence": ctx.fence, "writer": ctx.worker, **values}
+    if exists:
+        if outcome.listing is not None:
             row["last_seen"] = ctx.now
         sets = ", ".join(f"{k} = :{k}" for k in row if k != "asin")
-        conn.execute(f"UPDATE deals SET {sets} WHERE asin = :asin", row)
-    else:
-        row.setdefault("first_seen", ctx.now)
-        row.setdefault("last_seen", ctx.now)
-        cols = ", ".join(row)
-        conn.execute(f"INSERT INTO deals ({cols}) VALUES ({', '.join(':' + k for k in row)})", row)
+        return f"UPDATE deals SET {sets} WHERE asin = :asin", row
+    row.setdefault("first_seen", ctx.now)
+    row.setdefault("last_seen", ctx.now)
+    return f"INSERT INTO deals ({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})", row
 
 
-def record_evaluation(conn, ctx: WriteContext, asin: str, listing: Listing | None, product: dict,
-                      evaluation, retry_backoff: "RetryBackoff") -> str:
-    """Store a fetched product's evaluation, its compressed history and a decision row.
-    Returns the outcome (accepted / rejected / incomplete)."""
+@dataclass(frozen=True)
+class Outcome:
+    """One ASIN's result, prepared before the write transaction (evaluated, history
+    compressed): storing it is only writes. `values` are the deal columns that do not depend
+    on what is stored (fetch_attempts and next_retry_at do: see `store_outcomes`)."""
+
+    asin: str
+    listing: Listing | None
+    status: str
+    reason: str
+    values: dict
+    product_z: bytes | None = None  # the compressed product, None when it was not fetched
+    average_cents: int | None = None
+
+    @property
+    def incomplete(self) -> bool:
+        return self.status == "incomplete"
+
+
+def evaluated_outcome(asin: str, listing: Listing | None, product: dict, evaluation) -> Outcome:
+    """A fetched product's evaluation and compressed history (pure CPU: call it outside any
+    transaction)."""
     avg = evaluation.average
-    incomplete = evaluation.status == "incomplete"
-    attempts = 0
-    if incomplete:
-        row = conn.execute("SELECT fetch_attempts FROM deals WHERE asin = ?", (asin,)).fetchone()
-        attempts = (row[0] if row else 0) + 1
     values = {
         "title": product.get("title") or (listing.title if listing else None),
         "category": product.get("rootCategory") or (listing.category if listing else None),
@@ -123,34 +134,71 @@ def record_evaluation(conn, ctx: WriteContext, asin: str, listing: Listing | Non
         "avg_sales": avg.sales if avg else None,
         "status": evaluation.status,
         "reason": evaluation.reason,
-        "last_fetched": ctx.now,
-        "fetch_attempts": attempts,
-        "next_retry_at": retry_backoff.next_retry_at(ctx.now, attempts) if incomplete else None,
     }
-    _upsert_deal(conn, ctx, asin, listing, values)
-    conn.execute(
+    return Outcome(asin, listing, evaluation.status, evaluation.reason, _with_listing(values, listing),
+                   compress_product(product), values["one_year_avg_cents"])
+
+
+def unfetched_outcome(asin: str, listing: Listing | None, cause: str) -> Outcome:
+    """A listed deal whose product could not be had (not returned, fetch kept failing):
+    incomplete with its cause and a retry time, never a rejection."""
+    return Outcome(asin, listing, "incomplete", cause, _with_listing({"status": "incomplete", "reason": cause}, listing))
+
+
+def stored_attempts(conn, asins: list[str]) -> dict[str, int]:
+    """fetch_attempts of the stored deals among `asins` (absent: not stored), in one query."""
+    if not asins:
+        return {}
+    marks = ",".join("?" * len(asins))
+    return dict(conn.execute(f"SELECT asin, fetch_attempts FROM deals WHERE asin IN ({marks})", asins).fetchall())
+
+
+def store_outcomes(conn, ctx: WriteContext, outcomes: list[Outcome], retry_backoff: "RetryBackoff") -> None:
+    """Write prepared outcomes: deal rows, histories, decisions. Only writes and one read.
+
+    The retry counts (and which deals exist) are read here, inside the caller's write
+    transaction, in one query: the other worker may have stored or retried the same ASIN
+    since the batch was prepared, so a count read before the transaction could be stale and
+    an attempt would be lost (or a row inserted twice)."""
+    attempts = stored_attempts(conn, [o.asin for o in outcomes])
+    deal_rows, histories, decisions = [], [], []
+    for o in outcomes:
+        exists = o.asin in attempts
+        tries = (attempts.get(o.asin) or 0) + 1 if o.incomplete else 0
+        values = {**o.values, "fetch_attempts": tries,
+                  "next_retry_at": retry_backoff.next_retry_at(ctx.now, tries) if o.incomplete else None}
+        if o.product_z is not None:
+            values["last_fetched"] = ctx.now
+            histories.append((o.asin, ctx.now, o.product_z))
+        deal_rows.append(_deal_statement(ctx, o, exists, values))
+        decisions.append((ctx.now, ctx.worker, o.asin, o.status, o.reason, o.average_cents, ctx.fence))
+        attempts[o.asin] = tries  # the same ASIN twice in one batch: inserted once, counted twice
+    for sql, group in groupby(deal_rows, key=lambda statement: statement[0]):  # in order, alike runs at once
+        conn.executemany(sql, [params for _, params in group])
+    conn.executemany(
         "INSERT INTO product_history (asin, fetched_at, product_z) VALUES (?, ?, ?)"
         " ON CONFLICT (asin) DO UPDATE SET fetched_at = excluded.fetched_at, product_z = excluded.product_z",
-        (asin, ctx.now, compress_product(product)),
+        histories,
     )
-    log_decision(conn, ctx, asin, evaluation.status, evaluation.reason, values["one_year_avg_cents"])
+    conn.executemany(
+        "INSERT INTO decisions (at, worker, asin, outcome, reason, one_year_avg_cents, fence)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        decisions,
+    )
+
+
+def record_evaluation(conn, ctx: WriteContext, asin: str, listing: Listing | None, product: dict,
+                      evaluation, retry_backoff: "RetryBackoff") -> str:
+    """One evaluated product, prepared and stored at once (admin commands; workers prepare
+    a whole batch before their transaction). Returns the outcome."""
+    store_outcomes(conn, ctx, [evaluated_outcome(asin, listing, product, evaluation)], retry_backoff)
     return evaluation.status
 
 
 def record_unfetched(conn, ctx: WriteContext, asin: str, listing: Listing | None, cause: str,
                      retry_backoff: "RetryBackoff") -> str:
-    """A listed deal whose product could not be had (not returned, fetch kept failing):
-    stored as incomplete with its cause and a retry time, never as a rejection."""
-    row = conn.execute("SELECT fetch_attempts FROM deals WHERE asin = ?", (asin,)).fetchone()
-    attempts = (row[0] if row else 0) + 1
-    values = {
-        "status": "incomplete",
-        "reason": cause,
-        "fetch_attempts": attempts,
-        "next_retry_at": retry_backoff.next_retry_at(ctx.now, attempts),
-    }
-    _upsert_deal(conn, ctx, asin, listing, values)
-    log_decision(conn, ctx, asin, "incomplete", cause, None)
+    """One product that could not be had, stored at once. Returns "incomplete"."""
+    store_outcomes(conn, ctx, [unfetched_outcome(asin, listing, cause)], retry_backoff)
     return "incomplete"
 
 
@@ -246,21 +294,8 @@ def list_deals(conn, status: str | None = None, limit: int | None = None) -> lis
     return out
 
 
-# ---------------------------------------------------------------- checkpoints and progress
-
-
-def load_checkpoint(conn, name: str) -> dict | None:
-    row = conn.execute("SELECT value FROM checkpoints WHERE name = ?", (name,)).fetchone()
-    return json.loads(row[0]) if row else None
-
-
-def save_checkpoint(conn, ctx: WriteContext, name: str, value: dict) -> None:
-    conn.execute(
-        "INSERT INTO checkpoints (name, value, updated_at, fence) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at,"
-        " fence = excluded.fence",
-        (name, json.dumps(value, separators=(",", ":")), ctx.now, ctx.fence),
-    )
+# ---------------------------------------------------------------- fenced commits and progress
+# (checkpoints: ingest/checkpoints.py)
 
 
 def note_fenced_commit(conn, ctx: WriteContext, lease: str, pid: int, what: str) -> None:
@@ -270,8 +305,8 @@ def note_fenced_commit(conn, ctx: WriteContext, lease: str, pid: int, what: str)
     )
 
 
-PROGRESS_COUNTERS = ("pages", "deals_seen", "accepted", "rejected", "incomplete", "removed",
-                     "tokens_spent", "passes", "errors")
+# tokens are not among them: the ledger's call log (keepa_calls) is the one count of spending
+PROGRESS_COUNTERS = ("pages", "deals_seen", "accepted", "rejected", "incomplete", "removed", "passes", "errors")
 
 
 def update_progress(conn, worker: str, now: float, *, counters: dict[str, int] | None = None,
@@ -298,7 +333,18 @@ def update_progress(conn, worker: str, now: float, *, counters: dict[str, int] |
 
 
 def progress_rows(conn) -> list[dict]:
-    return [dict(r) for r in conn.execute("SELECT * FROM worker_progress ORDER BY worker")]
+    """Each worker's progress row; `tokens_spent` is read from the ledger's call log (the one
+    record of spending, failed calls that were charged included), not the row's own column."""
+    rows = conn.execute(
+        "SELECT p.*, (SELECT coalesce(sum(c.actual), 0) FROM keepa_calls c WHERE c.worker = p.worker)"
+        " AS calls_tokens FROM worker_progress p ORDER BY p.worker"
+    )
+    out = []
+    for row in rows:
+        item = dict(row)
+        item["tokens_spent"] = item.pop("calls_tokens")
+        out.append(item)
+    return out
 
 
 # ---------------------------------------------------------------- janitor

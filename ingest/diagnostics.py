@@ -9,6 +9,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoints import BackfillCursor, UpsertWatermark
 from .health import (CORE_CHECKS, Assessment, Check, Context, _between_passes, ago, combine, make_context,
                      run_checks, token_accounts)
 from .keepatime import keepa_minutes_to_unix_seconds
@@ -132,25 +133,25 @@ def check_cursor(ctx: Context) -> Check:
     if backfill is None:
         warns.append("backfill has no cursor yet")
     else:
-        cursor, updated = backfill
+        cursor, updated = BackfillCursor.from_json(backfill[0]), backfill[1]
         age = ctx.now - updated
-        data["backfill"] = {"pass": cursor.get("pass"), "page": cursor.get("page"),
-                            "pending": len(cursor.get("pending") or []), "updated_age": round(age, 1),
-                            "next_pass_at": cursor.get("next_pass_at"),
-                            "last_complete_pass_started_at": cursor.get("last_complete_pass_started_at")}
+        data["backfill"] = {"pass": cursor.pass_number, "page": cursor.page,
+                            "pending": cursor.pending_count(), "updated_age": round(age, 1),
+                            "next_pass_at": cursor.next_pass_at,
+                            "last_complete_pass_started_at": cursor.last_complete_pass_started_at}
         if _between_passes(ctx, "backfill") is None and age > ctx.stall_s:
-            warns.append(f"backfill cursor (pass {cursor.get('pass')} page {cursor.get('page')}) has not moved"
+            warns.append(f"backfill cursor (pass {cursor.pass_number} page {cursor.page}) has not moved"
                          f" for {ago(age)}")
     upsert = ctx.checkpoint("upsert")
     if upsert is None:
         warns.append("upsert has no watermark yet")
     else:
-        mark, updated = upsert
+        mark, updated = UpsertWatermark.from_json(upsert[0]), upsert[1]
         age = ctx.now - updated
-        watermark = mark.get("watermark")
+        watermark = mark.watermark
         lag = None if watermark is None else round(ctx.now - keepa_minutes_to_unix_seconds(watermark), 1)
-        next_poll = mark.get("next_poll_at") or 0
-        data["upsert"] = {"watermark": watermark, "watermark_lag": lag, "pending": len(mark.get("pending") or []),
+        next_poll = mark.next_poll_at
+        data["upsert"] = {"watermark": watermark, "watermark_lag": lag, "pending": len(mark.pending),
                           "updated_age": round(age, 1), "next_poll_at": next_poll}
         if age > ctx.stall_s:
             overdue = f", next poll overdue by {ago(ctx.now - next_poll)}" if next_poll < ctx.now else ""

@@ -17,6 +17,7 @@ All times come from `now` (wall seconds) so tests build a database state and inj
 
 import sqlite3
 
+from .checkpoints import BackfillCursor
 from .clock import SYSTEM_CLOCK
 from .lease_table import CorruptLease
 from .leases import LeaseTiming
@@ -114,9 +115,9 @@ def _between_passes(ctx: Context, worker: str) -> float | None:
     """When backfill is legitimately idle between passes: the time its next pass starts."""
     if worker != "backfill":
         return None
-    checkpoint = ctx.checkpoint("backfill")
-    next_pass = checkpoint and checkpoint[0].get("next_pass_at")
-    return next_pass if next_pass and next_pass > ctx.now else None
+    stored = ctx.checkpoint("backfill")
+    cursor = BackfillCursor.from_json(stored[0]) if stored else None
+    return cursor.next_pass_at if cursor and cursor.between_passes(ctx.now) else None
 
 
 def check_progress(ctx: Context) -> Check:

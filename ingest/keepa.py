@@ -20,7 +20,7 @@ from typing import Any
 import requests
 
 from .clock import SYSTEM_CLOCK
-from .errors import IngestError
+from .errors import EXIT_CONFIG, IngestError
 from .logs import REDACTED, RedactingFilter, redact, register_secret
 from .settings import DEFAULT_BASE_URL
 
@@ -102,6 +102,8 @@ class RateLimited(KeepaError):
 
 class KeepaRequestError(KeepaError):
     """400/402/404/405: the request (or the key/plan) is wrong; retrying will not help."""
+
+    exit_code = EXIT_CONFIG
 
     @property
     def error_type(self) -> str | None:

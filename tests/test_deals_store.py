@@ -57,10 +57,32 @@ def test_janitor_candidates_are_bounded_by_share(conn):
 
 def test_progress_counters_add_and_fields_set(conn):
     with transaction(conn):
-        deals.update_progress(conn, "upsert", 1.0, state="working", counters={"accepted": 2, "tokens_spent": 5})
+        deals.update_progress(conn, "upsert", 1.0, state="working", counters={"accepted": 2})
         deals.update_progress(conn, "upsert", 2.0, counters={"accepted": 1}, detail={"watermark": 7})
+        # tokens come from the ledger's call log, a charged failure included
+        for actual, status in ((3, "ok"), (2, "transient"), (None, "rate_limited")):
+            conn.execute("INSERT INTO keepa_calls (at, worker, endpoint, actual, status) VALUES (1, 'upsert', 'product', ?, ?)",
+                         (actual, status))
+        conn.execute("INSERT INTO keepa_calls (at, worker, endpoint, actual, status) VALUES (1, 'backfill', 'deal', 9, 'ok')")
     row = deals.progress_rows(conn)[0]
     assert (row["state"], row["accepted"], row["tokens_spent"], row["updated_at"], row["detail"]) == (
         "working", 3, 5, 2.0, '{"watermark":7}')
     with pytest.raises(ValueError):
         deals.update_progress(conn, "upsert", 3.0, counters={"bogus": 1})
+    with pytest.raises(ValueError):  # a second count of the tokens cannot creep back in
+        deals.update_progress(conn, "upsert", 3.0, counters={"tokens_spent": 1})
+
+
+def test_retry_count_written_after_a_batch_was_prepared_is_not_lost(conn, db_path):
+    """Outcomes are prepared before the write transaction; the other worker may retry the same
+    deal in between. The count is read inside the transaction, so both attempts count."""
+    backoff = deals.RetryBackoff()
+    prepared = [deals.unfetched_outcome("A1", None, "not_returned"), deals.unfetched_outcome("NEW", None, "not_returned")]
+    other = open_db(db_path)  # the other worker, committing first
+    with transaction(other):
+        deals.record_unfetched(other, ctx(500.0, "retry"), "A1", None, "not_returned", backoff)
+    with transaction(conn):
+        deals.store_outcomes(conn, ctx(), prepared, backoff)
+    attempts = dict(conn.execute("SELECT asin, fetch_attempts FROM deals").fetchall())
+    assert attempts == {"A1": 2, "NEW": 1}
+    assert conn.execute("SELECT next_retry_at FROM deals WHERE asin = 'A1'").fetchone()[0] == 1000.0 + backoff.delay(2)

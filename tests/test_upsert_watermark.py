@@ -1,5 +1,6 @@
+from ingest.checkpoints import UpsertWatermark
 from ingest.deals import Listing
-from ingest.workers.upsert import advance_watermark, new_listings
+from ingest.workers.upsert import new_listings
 
 
 def deal(asin, minute):
@@ -19,12 +20,12 @@ def test_watermark_excludes_older_and_already_stored_at_the_same_minute():
 
 
 def test_watermark_advances_only_past_stored_deals():
-    checkpoint = {"watermark": 10, "at_watermark": ["B"], "pending": []}
+    checkpoint = UpsertWatermark(watermark=10, at_watermark=("B",))
     stored = [Listing("C", last_update=10), Listing("D", last_update=11), Listing("E", last_update=11)]
-    advance_watermark(checkpoint, stored[:1])
-    assert checkpoint == {"watermark": 10, "at_watermark": ["B", "C"], "pending": []}
-    advance_watermark(checkpoint, stored[1:])
-    assert checkpoint["watermark"] == 11 and checkpoint["at_watermark"] == ["D", "E"]
+    checkpoint = checkpoint.advance(stored[:1])
+    assert checkpoint == UpsertWatermark(watermark=10, at_watermark=("B", "C"))
+    checkpoint = checkpoint.advance(stored[1:])
+    assert checkpoint.watermark == 11 and checkpoint.at_watermark == ("D", "E")
     # a deal updated again later is new again
     assert [l.asin for l in new_listings([deal("D", 12)], 11, {"D", "E"})] == ["D"]
 

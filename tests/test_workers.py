@@ -6,6 +6,9 @@ import time
 
 import pytest
 
+from ingest.errors import ConfigError, StoreError
+from ingest.keepa import KeepaRequestError
+from ingest.leases import LeaseLost
 from ingest.simulator import SimConfig, Simulator
 
 from .workers_support import (TEST_KEY, checkpoint, query, run_worker, scalar, start_worker, stop,
@@ -95,9 +98,14 @@ def test_both_workers_share_tokens_without_429(tmp_path, db_path):
         stats = simulator.stats()
     finally:
         simulator.stop()
-    spent = dict(query(db_path, "SELECT worker, tokens_spent FROM worker_progress"))
+    spent = dict(query(db_path, "SELECT worker, sum(actual) FROM keepa_calls GROUP BY worker"))
     assert stats["responses_429"] == 0, (stats, spent)
     assert spent.get("backfill", 0) > 0 and spent.get("upsert", 0) > 0, spent
+    # progress (what `ingest status` shows) reads the same call log: one count of the tokens
+    from ingest.deals import progress_rows
+    from ingest.store import open_db
+    shown = {p["worker"]: p["tokens_spent"] for p in progress_rows(open_db(db_path))}
+    assert shown == spent
 
 
 def test_incomplete_product_is_retried_and_then_accepted_or_rejected(sim, env, db_path):
@@ -158,7 +166,9 @@ def test_bad_query_is_a_config_error_before_any_token(sim, env, tmp_path, db_pat
     result = run_worker("backfill", env, "--query", str(bad))
     assert result.returncode == 3
     assert "priceTypes" in result.stderr
-    assert result.stderr.strip().count("\n") == 0 or "Traceback" not in result.stderr
+    # one line, no traceback: what an operator reads in `supervisorctl tail`
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
     assert sim.stats()["tokens_consumed"] == 0
 
 
@@ -223,3 +233,53 @@ def test_upsert_starts_at_the_newest_deal_and_stores_what_comes_after(tmp_path, 
     assert code == 0
     assert scalar(db_path, "SELECT min(deal_last_update) FROM deals") >= first["watermark"]
     assert checkpoint(db_path, "upsert")["watermark"] >= scalar(db_path, "SELECT max(deal_last_update) FROM deals")
+
+
+class _Failing:
+    """A worker whose step raises `error`: the lifecycle alone, in-process, real SQLite."""
+
+    @staticmethod
+    def make(db_path, error, where="step"):
+        from ingest.workers.base import Worker
+
+        class FailingWorker(Worker):
+            name = "backfill"
+
+            def setup(self):
+                if where == "setup":
+                    raise error
+
+            def step(self):
+                raise error
+
+        return FailingWorker(db_path, {"leases": {"ttl_s": 3.0, "renew_s": 1.0, "retry_s": 0.25}}, keepa=object())
+
+
+def _run_in_thread(worker, timeout=20):
+    """Off the main thread, so run() installs no signal handlers in the test process."""
+    import threading
+
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("code", worker.run()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "the worker did not stop"
+    return out["code"]
+
+
+@pytest.mark.parametrize("error, code, state", [
+    (ConfigError("bad [upsert] start_from"), 3, "error"),
+    (KeepaRequestError("Keepa answered 402: expired key"), 3, "error"),  # retrying cannot help
+    (StoreError("database is read-only"), 4, "error"),
+    (LeaseLost("lease taken"), 5, "lost"),
+])
+def test_each_fatal_error_exits_with_its_own_code_and_releases_the_lease(db_path, error, code, state):
+    assert _run_in_thread(_Failing.make(db_path, error)) == code
+    assert scalar(db_path, "SELECT state FROM worker_progress WHERE worker = 'backfill'") == state
+    assert scalar(db_path, "SELECT last_error FROM worker_progress WHERE worker = 'backfill'") == str(error)
+    assert scalar(db_path, "SELECT holder_pid FROM leases WHERE name = 'backfill'") is None
+
+
+def test_a_config_error_in_setup_exits_3_before_the_lease(db_path):
+    assert _run_in_thread(_Failing.make(db_path, ConfigError("bad query"), where="setup")) == 3
+    assert scalar(db_path, "SELECT count(*) FROM lease_events") in (None, 0)

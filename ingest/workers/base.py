@@ -1,11 +1,16 @@
-"""What backfill and upsert share: the process lifecycle around a lease, fenced commits,
-fetching and evaluating product batches, progress, and stopping.
+"""What backfill and upsert share, in two parts:
 
-Lifecycle of `Worker.run()`:
+The process lifecycle (`Worker.run()`, private to this module):
   open the database (migrating it) -> install SIGTERM/SIGINT handlers -> wait for the lease
   -> heartbeat -> step() until stopped (or, with --once, until a pass is done) -> release.
-A lost lease stops the loop at once and exits EXIT_LEASE_LOST; the fenced commit refuses any
-write from a process that no longer holds the lease, so a late write can never land.
+  Every IngestError ends it with its own `exit_code` (3 config, 4 database, 5 lease lost).
+  A lost lease stops the loop at once; the fenced commit refuses any write from a process
+  that no longer holds the lease, so a late write can never land.
+
+The batch API subclasses call from `step()`: `fetch_products`, `commit_batch` (a product
+batch), `commit_page` (a listing page), `commit` (any other fenced write) and `tally`.
+A batch is evaluated and compressed before its write transaction (`prepare_outcomes`), so the
+write lock is held for the fence check and the writes only.
 """
 
 import logging
@@ -15,18 +20,26 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Mapping
 
+from .. import checkpoints
 from .. import deals as store_deals
 from ..analytics import AnalyticsParams, evaluate_deal
+from ..calllog import spend_by_worker
 from ..clock import SYSTEM_CLOCK
-from ..errors import EXIT_CONFIG, EXIT_LEASE_LOST, EXIT_OK, ConfigError, IngestError
-from ..keepa import KeepaRequestError, MalformedResponse, TransientError
+from ..errors import EXIT_CONFIG, EXIT_DATABASE, EXIT_LEASE_LOST, EXIT_OK, IngestError
+from ..keepa import MalformedResponse, TransientError
 from ..leases import Lease, LeaseLost, LeaseTiming
 from ..metered import Stopped, keepa_settings, open_keepa
 from ..settings import setting, worker_settings
 from ..store import open_db, transaction
 
 log = logging.getLogger("ingest.worker")
+
+PAGE_SIZE = 150  # deals per /deal page (Keepa): a shorter page is the last one
+
+# how the log line of a fatal error starts (ingest status shows the worker's last error line)
+_EXIT_WORDS = {EXIT_CONFIG: "configuration error", EXIT_DATABASE: "database error", EXIT_LEASE_LOST: "lease lost"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,47 @@ class WorkerSettings:
         return worker_settings(config, worker)
 
 
+@dataclass
+class Tally:
+    """What a worker did since its last progress log line (the line is all it is for: the
+    stored progress counters are written in the fenced commits)."""
+
+    pages: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    incomplete: int = 0
+
+    def add(self, counts: Mapping[str, int]) -> None:
+        for key, n in counts.items():
+            setattr(self, key, getattr(self, key) + n)
+
+
+def prepare_outcomes(asins: list[str], listings: Mapping[str, store_deals.Listing],
+                     products: Mapping[str, dict] | None, now: float,
+                     params: AnalyticsParams) -> list[store_deals.Outcome]:
+    """Every ASIN of a fetched batch evaluated (or marked unfetched) and compressed: the CPU
+    work of a batch, done before its write transaction. `products` None: the batch kept
+    coming back malformed."""
+    at = datetime.fromtimestamp(now, tz=timezone.utc)
+    outcomes = []
+    for asin in asins:
+        listing = listings.get(asin)
+        product = products.get(asin) if products is not None else None
+        if product is None:
+            cause = "malformed_response" if products is None else "not_returned"
+            outcomes.append(store_deals.unfetched_outcome(asin, listing, cause))
+        else:
+            outcomes.append(store_deals.evaluated_outcome(asin, listing, product, evaluate_deal(product, at, params)))
+    return outcomes
+
+
+def outcome_counts(outcomes: list[store_deals.Outcome]) -> dict[str, int]:
+    counts = {status: 0 for status in store_deals.STATUSES}
+    for outcome in outcomes:
+        counts[outcome.status] += 1
+    return counts
+
+
 class Worker:
     """Base class: subclasses set `name` and implement `step()` (and `pass_done()` for --once)."""
 
@@ -73,14 +127,14 @@ class Worker:
         self.settings = WorkerSettings.from_config(config, self.name)
         self.params = AnalyticsParams.from_config(config)
         self.lease_timing = LeaseTiming.from_config(config)
+        self.tally = Tally()
         self._keepa = keepa
         self.conn = None
         self.lease: Lease | None = None
         self._failures = 0
         self._last_progress_log = 0.0
-        self._period = {"pages": 0, "accepted": 0, "rejected": 0, "incomplete": 0, "tokens": 0}
-        self._period_started = clock.monotonic()
-        self._tokens_unrecorded = 0  # spent since the last commit; added to worker_progress by the next
+        self._tally_started = clock.monotonic()
+        self._tally_started_wall = clock.wall()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -88,48 +142,15 @@ class Worker:
         """Run until stopped; returns the process exit code."""
         self._install_signal_handlers()
         try:
-            self.conn = open_db(self.db_path)
-            self.setup()
-            if self._keepa is None:
-                keepa_settings(self.config)  # a missing key fails here, before the lease is taken
-            self.lease = Lease(self.db_path, self.name, self.lease_timing, clock=self.clock)
-            self._note_waiting_for_lease()
-            log.info("waiting for lease %r", self.name)
-            if not self.lease.acquire(stop=self.stop):
-                return EXIT_OK  # stopped while waiting: the progress row is the holder's, not ours
-            self.lease.start_heartbeat()
-            threading.Thread(target=self._stop_on_loss, daemon=True, name="lease-watch").start()
-            log.info("holding lease %r with fence %d", self.name, self.lease.fence)
-            self._set_state("working", pid=os.getpid(), fence=self.lease.fence,
-                            started_at=self.clock.wall())
-            if self._keepa is None:
-                self._keepa = open_keepa(self.db_path, self.config, worker=self.name, stop=self.stop)
-            return self._loop()
-        except LeaseLost as e:
-            log.error("lease lost: %s", e)
-            self._set_state("lost", last_error=str(e))
-            return EXIT_LEASE_LOST
+            return self._hold_lease_and_work()
         except Stopped:
             # the stop event is also set when the lease is lost: that is not a clean stop, and
             # supervisord must restart the worker (exit 5), not leave it EXITED (exit 0)
             if self.lease is not None and self.lease.lost.is_set():
-                log.error("lease %r lost while waiting", self.name)
-                self._set_state("lost", last_error="lease lost while waiting")
-                return EXIT_LEASE_LOST
+                return self._failed(LeaseLost(f"lease {self.name!r} lost while waiting"))
             return self._stopped()
-        except ConfigError as e:
-            log.error("configuration error: %s", e)
-            self._set_state("error", last_error=str(e))
-            return EXIT_CONFIG
-        except KeepaRequestError as e:
-            # 400 bad key, 402 expired key, 405 bad parameter: retrying cannot help
-            log.error("Keepa refused the request: %s", e)
-            self._set_state("error", last_error=str(e))
-            return EXIT_CONFIG
         except IngestError as e:
-            log.error("%s", e)
-            self._set_state("error", last_error=str(e))
-            return e.exit_code
+            return self._failed(e)
         finally:
             if self.lease is not None:
                 try:
@@ -137,10 +158,35 @@ class Worker:
                 except Exception as e:  # the process is ending; say so, do not mask the exit code
                     log.warning("lease release failed: %s", e)
 
+    def _hold_lease_and_work(self) -> int:
+        self.conn = open_db(self.db_path)
+        self.setup()
+        if self._keepa is None:
+            keepa_settings(self.config)  # a missing key fails here, before the lease is taken
+        self.lease = Lease(self.db_path, self.name, self.lease_timing, clock=self.clock)
+        self._note_waiting_for_lease()
+        log.info("waiting for lease %r", self.name)
+        if not self.lease.acquire(stop=self.stop):
+            return EXIT_OK  # stopped while waiting: the progress row is the holder's, not ours
+        self.lease.start_heartbeat()
+        threading.Thread(target=self._stop_on_loss, daemon=True, name="lease-watch").start()
+        log.info("holding lease %r with fence %d", self.name, self.lease.fence)
+        self._set_state("working", pid=os.getpid(), fence=self.lease.fence, started_at=self.clock.wall())
+        if self._keepa is None:
+            self._keepa = open_keepa(self.db_path, self.config, worker=self.name, stop=self.stop)
+        return self._loop()
+
+    def _failed(self, error: IngestError) -> int:
+        """A fatal error: one log line, the state, and the error's own exit code (Keepa's
+        400/402/405 are configuration errors: retrying cannot help)."""
+        code = error.exit_code
+        log.error("%s: %s", _EXIT_WORDS.get(code, "error"), error)
+        self._set_state("lost" if isinstance(error, LeaseLost) else "error", last_error=str(error))
+        return code
+
     def _loop(self) -> int:
         while not self.stop.is_set():
-            if self.lease.lost.is_set():
-                raise LeaseLost(f"lease {self.name!r} was taken by another process")
+            self.lease.check()
             try:
                 worked = self.step()
                 self._failures = 0
@@ -155,8 +201,7 @@ class Worker:
             if not worked:
                 self._set_state("idle")
                 self.clock.sleep(self.idle_wait_s(), self.stop)
-        if self.lease.lost.is_set():
-            raise LeaseLost(f"lease {self.name!r} was taken by another process")
+        self.lease.check()  # stopped because the lease was lost: exit 5, not 0
         return self._stopped()
 
     def _stopped(self) -> int:
@@ -186,36 +231,6 @@ class Worker:
                         last_error_at=self.clock.wall())
         self.clock.sleep(delay, self.stop)
 
-    # ------------------------------------------------------------ subclass hooks
-
-    def setup(self) -> None:
-        """Validate configuration before the lease is taken (raise ConfigError)."""
-
-    def step(self) -> bool:
-        """One unit of work. Returns False when there was nothing to do."""
-        raise NotImplementedError
-
-    def pass_done(self) -> bool:
-        return True
-
-    def idle_wait_s(self) -> float:
-        return 5.0
-
-    # ------------------------------------------------------------ writing
-
-    @property
-    def keepa(self):
-        return self._keepa
-
-    @contextmanager
-    def commit(self, what: str, source: str):
-        """A fenced transaction: (conn, WriteContext). Raises LeaseLost (and writes nothing)
-        when this process no longer holds the lease with its fencing token."""
-        with self.lease.fenced(self.conn) as conn:
-            ctx = store_deals.WriteContext(self.name, self.lease.fence, self.clock.wall(), source)
-            yield conn, ctx
-            store_deals.note_fenced_commit(conn, ctx, self.name, os.getpid(), what)
-
     def _note_waiting_for_lease(self) -> None:
         """Say we are waiting, unless the row is the live holder's: a standby (another host, a
         second copy) must not overwrite the progress of the process doing the work."""
@@ -241,7 +256,64 @@ class Worker:
         except Exception as e:  # progress must never take the worker down
             log.warning("could not record state %s: %s", state, e)
 
-    # ------------------------------------------------------------ fetching and evaluating
+    def _maybe_log_progress(self) -> None:
+        now = self.clock.monotonic()
+        if now - self._last_progress_log < self.settings.progress_log_s:
+            return
+        minutes = max(1e-9, (now - self._tally_started) / 60)
+        t = self.tally
+        tokens = self._tokens_since(self._tally_started_wall)
+        log.info(
+            "progress: %s; %d pages, %d accepted / %d rejected / %d incomplete, %d tokens (%.0f/min)",
+            self.describe_position(), t.pages, t.accepted, t.rejected, t.incomplete, tokens, tokens / minutes,
+        )
+        self._last_progress_log = now
+        self.tally = Tally()
+        self._tally_started = now
+        self._tally_started_wall = self.clock.wall()
+
+    def _tokens_since(self, since: float) -> int:
+        """Tokens this worker spent since `since`, from the ledger's call log (the one record
+        of spending: calls charged but failed included)."""
+        try:
+            return spend_by_worker(self.conn, since).get(self.name, {}).get("tokens", 0)
+        except Exception as e:  # a log line must never take the worker down
+            log.warning("could not read the call log: %s", e)
+            return 0
+
+    # ------------------------------------------------------------ subclass hooks
+
+    def setup(self) -> None:
+        """Validate configuration before the lease is taken (raise ConfigError)."""
+
+    def step(self) -> bool:
+        """One unit of work. Returns False when there was nothing to do."""
+        raise NotImplementedError
+
+    def pass_done(self) -> bool:
+        return True
+
+    def idle_wait_s(self) -> float:
+        return 5.0
+
+    def describe_position(self) -> str:
+        return ""
+
+    # ------------------------------------------------------------ batch API
+
+    @property
+    def keepa(self):
+        return self._keepa
+
+    @contextmanager
+    def commit(self, what: str, source: str):
+        """A fenced transaction: (conn, WriteContext). Raises LeaseLost (and writes nothing)
+        when this process no longer holds the lease with its fencing token. Keep CPU work
+        out of it: the other worker's heartbeat and token reservations wait for it."""
+        with self.lease.fenced(self.conn) as conn:
+            ctx = store_deals.WriteContext(self.name, self.lease.fence, self.clock.wall(), source)
+            yield conn, ctx
+            store_deals.note_fenced_commit(conn, ctx, self.name, os.getpid(), what)
 
     def fetch_products(self, asins: list[str]) -> dict[str, dict] | None:
         """Fetch one batch. Transient errors propagate (the loop backs off and the same step
@@ -258,73 +330,39 @@ class Worker:
                     if self.stop.is_set():
                         raise Stopped("stopped while retrying a malformed batch")
                 continue
-            self._count_tokens(page.envelope)
             return {p.get("asin"): p for p in page.products if isinstance(p, dict)}
         return None
 
-    def store_batch(self, conn, ctx, asins: list[str], listings: dict[str, store_deals.Listing],
-                    products: dict[str, dict] | None) -> dict[str, int]:
-        """Evaluate and store a fetched batch; every ASIN gets an outcome row."""
-        counts = {"accepted": 0, "rejected": 0, "incomplete": 0}
-        now = datetime.fromtimestamp(ctx.now, tz=timezone.utc)
-        for asin in asins:
-            listing = listings.get(asin)
-            product = products.get(asin) if products is not None else None
-            if product is None:
-                cause = "malformed_response" if products is None else "not_returned"
-                outcome = store_deals.record_unfetched(conn, ctx, asin, listing, cause, self.settings.retry_backoff)
-            else:
-                evaluation = evaluate_deal(product, now, self.params)
-                outcome = store_deals.record_evaluation(conn, ctx, asin, listing, product, evaluation,
-                                                        self.settings.retry_backoff)
-            counts[outcome] += 1
-        for key, n in counts.items():
-            self._period[key] += n
-        return counts
-
-    def commit_batch(self, what: str, source: str, asins: list[str], listings: dict[str, store_deals.Listing],
-                     products: dict[str, dict] | None, *, touched=(), checkpoint: tuple[str, dict] | None = None,
-                     detail: dict | None = None) -> dict[str, int]:
+    def commit_batch(self, what: str, source: str, asins: list[str], listings: Mapping[str, store_deals.Listing],
+                     products: Mapping[str, dict] | None, *, touched=(),
+                     checkpoint: checkpoints.Checkpoint | None = None, detail: dict | None = None) -> dict[str, int]:
         """One fenced transaction for a fetched batch: mark `touched` listings seen, store every
-        ASIN's outcome, save the checkpoint that covers them, and count the progress."""
+        ASIN's outcome, save the checkpoint that covers them, and count the progress.
+        Evaluating and compressing happen first, outside the transaction."""
+        outcomes = prepare_outcomes(asins, listings, products, self.clock.wall(), self.params)
+        counts = outcome_counts(outcomes)
+        succeeded = bool(asins) and products is not None
         with self.commit(what, source) as (conn, ctx):
             for listing in touched:
                 store_deals.touch_seen(conn, ctx, listing)
-            counts = self.store_batch(conn, ctx, asins, listings, products)
+            store_deals.store_outcomes(conn, ctx, outcomes, self.settings.retry_backoff)
             if checkpoint is not None:
-                store_deals.save_checkpoint(conn, ctx, *checkpoint)
-            fields = {"last_success_at": ctx.now} if asins and products is not None else {}
+                checkpoints.save(conn, ctx, checkpoint)
+            fields = {"last_success_at": ctx.now} if succeeded else {}
             if detail is not None:
                 fields["detail"] = detail
             store_deals.update_progress(conn, self.name, ctx.now, state="working", last_commit_at=ctx.now,
-                                        **fields, counters={**counts, "tokens_spent": self.take_unrecorded_tokens()})
+                                        **fields, counters=counts)
+        self.tally.add(counts)
         return counts
 
-    def _count_tokens(self, envelope) -> None:
-        spent = getattr(envelope, "tokens_consumed", 0) or 0
-        self._period["tokens"] += spent
-        self._tokens_unrecorded += spent
-
-    def take_unrecorded_tokens(self) -> int:
-        """Tokens spent since the last commit, to add to worker_progress in the next one."""
-        spent, self._tokens_unrecorded = self._tokens_unrecorded, 0
-        return spent
-
-    def _maybe_log_progress(self) -> None:
-        now = self.clock.monotonic()
-        if now - self._last_progress_log < self.settings.progress_log_s:
-            return
-        minutes = max(1e-9, (now - self._period_started) / 60)
-        p = self._period
-        log.info(
-            "progress: %s; %d pages, %d accepted / %d rejected / %d incomplete, %d tokens (%.0f/min)",
-            self.describe_position(), p["pages"], p["accepted"], p["rejected"], p["incomplete"],
-            p["tokens"], p["tokens"] / minutes,
-        )
-        self._last_progress_log = now
-        self._period = {k: 0 for k in p}
-        self._period_started = now
-
-    def describe_position(self) -> str:
-        return ""
-
+    def commit_page(self, what: str, source: str, checkpoint: checkpoints.Checkpoint, *, pages: int,
+                    deals_seen: int, detail: dict) -> None:
+        """One fenced transaction for fetched listing pages: the checkpoint that holds their
+        deals as pending, and the progress."""
+        with self.commit(what, source) as (conn, ctx):
+            checkpoints.save(conn, ctx, checkpoint)
+            store_deals.update_progress(conn, self.name, ctx.now, state="working", last_success_at=ctx.now,
+                                        last_commit_at=ctx.now, detail=detail,
+                                        counters={"pages": pages, "deals_seen": deals_seen})
+        self.tally.add({"pages": pages})

@@ -9,8 +9,10 @@ system's janitor emptied the table while nothing was being refreshed.
 
 import logging
 from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 from .. import deals as store_deals
+from ..checkpoints import load_backfill
 from ..settings import parse, setting
 
 log = logging.getLogger("ingest.janitor")
@@ -33,25 +35,28 @@ def removal_cutoff(conn, now: float, settings: JanitorSettings) -> tuple[float |
     last_success = conn.execute("SELECT max(last_success_at) FROM worker_progress").fetchone()[0]
     if last_success is None or now - last_success > settings.healthy_within_s:
         return None, "ingestion is not healthy (no successful fetch recently)"
-    cursor = store_deals.load_checkpoint(conn, "backfill") or {}
-    complete_pass_start = cursor.get("last_complete_pass_started_at")
+    cursor = load_backfill(conn)
+    complete_pass_start = cursor.last_complete_pass_started_at if cursor else None
     if complete_pass_start is None:
         return None, "no complete backfill pass yet"
     return min(now - settings.grace_s, complete_pass_start), "ok"
 
 
-def sweep(worker) -> int:
-    """One janitor pass inside `worker` (holding its lease). Returns the number removed."""
-    now = worker.clock.wall()
-    cutoff, why = removal_cutoff(worker.conn, now, worker.janitor)
+FencedCommit = Callable[[str, str], ContextManager[tuple]]  # Worker.commit: (what, source) -> (conn, ctx)
+
+
+def sweep(conn, commit: FencedCommit, worker: str, now: float, settings: JanitorSettings) -> int:
+    """One janitor pass: reads on `conn`, removes in one fenced `commit` of `worker` (the
+    lease holder running it). Returns the number removed."""
+    cutoff, why = removal_cutoff(conn, now, settings)
     if cutoff is None:
         log.debug("janitor skipped: %s", why)
         return 0
-    asins = store_deals.janitor_candidates(worker.conn, cutoff, worker.janitor.max_share)
+    asins = store_deals.janitor_candidates(conn, cutoff, settings.max_share)
     if not asins:
         return 0
-    with worker.commit("janitor", "janitor") as (conn, ctx):
-        removed = store_deals.remove_deals(conn, ctx, asins, f"unseen_{int(worker.janitor.grace_s // 3600)}h")
-        store_deals.update_progress(conn, worker.name, ctx.now, counters={"removed": removed})
+    with commit("janitor", "janitor") as (write, ctx):
+        removed = store_deals.remove_deals(write, ctx, asins, f"unseen_{int(settings.grace_s // 3600)}h")
+        store_deals.update_progress(write, worker, ctx.now, counters={"removed": removed})
     log.info("janitor removed %d deals unseen since %.0f", removed, cutoff)
     return removed

@@ -2,30 +2,25 @@
 
 Each poll fetches the newest deals (sortType 1, a few pages), keeps those past the watermark,
 sorts them oldest first itself (Keepa's "newest" order is not strict) and saves them as
-`pending` in checkpoint 'upsert'. Batches are then stored oldest first, each advancing the
-watermark to the last deal it stored, in the same fenced transaction:
-
-  {"watermark": keepa_minute | null, "at_watermark": [asin, ...],   # stored at exactly that minute
-   "pending": [listing, ...], "next_poll_at": t}
+`pending` in checkpoint 'upsert' (`checkpoints.UpsertWatermark`). Batches are then stored
+oldest first, each advancing the watermark to the last deal it stored, in the same fenced
+transaction.
 
 With tokens to spare it retries incomplete deals (backoff per deal) and refreshes deals not
 fetched for `refresh_after_s`; the janitor (janitor.py) runs here every `janitor_interval_s`.
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .. import deals as store_deals
+from ..checkpoints import UpsertWatermark, load_upsert
 from ..query import load_query, page_selection
 from ..settings import parse, section_extra, setting
 from . import janitor
-from .backfill import PAGE_SIZE
-from .base import Worker
+from .base import PAGE_SIZE, Worker
 
 log = logging.getLogger("ingest.upsert")
-
-CHECKPOINT = "upsert"
-
 
 def _order_key(listing: store_deals.Listing):
     return (listing.last_update or 0, listing.asin)
@@ -44,17 +39,6 @@ def new_listings(deals: list[dict], watermark: int | None, at_watermark: set[str
         if listing.asin not in newest or stamp > (newest[listing.asin].last_update or 0):
             newest[listing.asin] = listing
     return sorted(newest.values(), key=_order_key)
-
-
-def advance_watermark(checkpoint: dict, stored: list[store_deals.Listing]) -> None:
-    """Move the watermark to the newest of `stored` (which are all older than what is pending)."""
-    for listing in stored:
-        stamp = listing.last_update or 0
-        if checkpoint["watermark"] is None or stamp > checkpoint["watermark"]:
-            checkpoint["watermark"] = stamp
-            checkpoint["at_watermark"] = [listing.asin]
-        elif stamp == checkpoint["watermark"] and listing.asin not in checkpoint["at_watermark"]:
-            checkpoint["at_watermark"].append(listing.asin)
 
 
 @dataclass(frozen=True)
@@ -90,38 +74,38 @@ class UpsertWorker(Worker):
         self.janitor = janitor.JanitorSettings.from_config(self.config)
         self._next_janitor_at = 0.0
         self._polls = 0
+        self.checkpoint: UpsertWatermark | None = None  # as of the last step
 
     def setup(self) -> None:
         query, source = load_query(self.query_option, self.config)
         self.query = {**query, "sortType": 1}
         log.info("deal query from %s, newest first", source)
 
-    def load_checkpoint(self) -> dict:
-        checkpoint = store_deals.load_checkpoint(self.conn, CHECKPOINT)
-        return checkpoint or {"watermark": None, "at_watermark": [], "pending": [], "next_poll_at": 0}
+    def load_checkpoint(self) -> UpsertWatermark:
+        return load_upsert(self.conn) or UpsertWatermark()
 
     def describe_position(self) -> str:
-        c = getattr(self, "_checkpoint", None) or {}
-        return f"watermark {c.get('watermark')} ({len(c.get('pending') or [])} pending)"
+        c = self.checkpoint or UpsertWatermark()
+        return f"watermark {c.watermark} ({len(c.pending)} pending)"
 
     # ------------------------------------------------------------ work
 
     def step(self) -> bool:
-        checkpoint = self._checkpoint = self.load_checkpoint()
+        checkpoint = self.checkpoint = self.load_checkpoint()
         now = self.clock.wall()
-        if checkpoint["pending"]:
+        if checkpoint.pending:
             self.process_pending(checkpoint)
             return True
-        if now >= checkpoint.get("next_poll_at", 0):
+        if now >= checkpoint.next_poll_at:
             self.poll(checkpoint)
             return True
         if now >= self._next_janitor_at:
             self._next_janitor_at = now + self.janitor.interval_s
-            janitor.sweep(self)
+            janitor.sweep(self.conn, self.commit, self.name, now, self.janitor)
         return self.spare_work()
 
-    def poll(self, checkpoint: dict) -> None:
-        watermark = checkpoint["watermark"]
+    def poll(self, checkpoint: UpsertWatermark) -> None:
+        watermark = checkpoint.watermark
         deals: list[dict] = []
         pages = 0
         # The first poll only sets the watermark (unless [upsert] start_from = "listed"): the deals
@@ -130,35 +114,29 @@ class UpsertWorker(Worker):
         starting = watermark is None and self.start_from == "now"
         for page_number in range(1 if starting else self.max_pages):
             page = self.keepa.deals(page_selection(self.query, page_number), page_number)
-            self._count_tokens(page.envelope)
             pages += 1
             deals.extend(page.deals)
             stamps = [d.get("lastUpdate") or 0 for d in page.deals if isinstance(d, dict)]
             if len(page.deals) < PAGE_SIZE or (watermark is not None and stamps and min(stamps) <= watermark):
                 break
-        fresh = new_listings(deals, watermark, set(checkpoint["at_watermark"]))
+        fresh = new_listings(deals, watermark, set(checkpoint.at_watermark))
         if starting:
-            advance_watermark(checkpoint, fresh)
+            checkpoint = checkpoint.advance(fresh)
             log.info("first poll: watermark set at the newest listed deal (%s); older deals are backfill's",
-                     checkpoint["watermark"])
+                     checkpoint.watermark)
             fresh = []
-        checkpoint["pending"] = [l.to_json() for l in fresh]
-        checkpoint["next_poll_at"] = self.clock.wall() + self.poll_s
+        checkpoint = self.checkpoint = replace(checkpoint, pending=tuple(fresh),
+                                               next_poll_at=self.clock.wall() + self.poll_s)
         self._polls += 1
-        with self.commit("upsert poll", "upsert") as (conn, ctx):
-            store_deals.save_checkpoint(conn, ctx, CHECKPOINT, checkpoint)
-            store_deals.update_progress(conn, self.name, ctx.now, state="working", last_success_at=ctx.now,
-                                        last_commit_at=ctx.now, detail=self._detail(checkpoint),
-                                        counters={"pages": pages, "deals_seen": len(fresh),
-                                                  "tokens_spent": self.take_unrecorded_tokens()})
-        self._period["pages"] += pages
+        self.commit_page("upsert poll", "upsert", checkpoint, pages=pages, deals_seen=len(fresh),
+                         detail=self._detail(checkpoint))
         log.debug("poll: %d deals listed, %d new since watermark %s", len(deals), len(fresh), watermark)
 
-    def process_pending(self, checkpoint: dict) -> None:
+    def process_pending(self, checkpoint: UpsertWatermark) -> None:
         """Store the oldest pending deals (one product batch, plus any already current, which
         cost nothing) and move the watermark past exactly those."""
-        pending = [store_deals.Listing.from_json(p) for p in checkpoint["pending"]]
-        current = store_deals.already_current(self.conn, pending)
+        pending = checkpoint.pending
+        current = store_deals.already_current(self.conn, list(pending))
         limit = self.keepa.product_batch_size(100) if len(current) < len(pending) else 0
         handled, batch = [], []
         for listing in pending:
@@ -169,11 +147,10 @@ class UpsertWorker(Worker):
             handled.append(listing)
         asins = [l.asin for l in batch]
         products = self.fetch_products(asins) if batch else {}
-        checkpoint["pending"] = [l.to_json() for l in pending[len(handled):]]
-        advance_watermark(checkpoint, handled)
+        checkpoint = self.checkpoint = replace(checkpoint.advance(handled), pending=pending[len(handled):])
         self.commit_batch("upsert batch", "upsert", asins, {l.asin: l for l in batch}, products,
                           touched=[l for l in handled if l.asin in current],
-                          checkpoint=(CHECKPOINT, checkpoint), detail=self._detail(checkpoint))
+                          checkpoint=checkpoint, detail=self._detail(checkpoint))
 
     def spare_work(self) -> bool:
         """Retry due incomplete deals, then refresh stale ones, only with tokens to spare."""
@@ -195,17 +172,16 @@ class UpsertWorker(Worker):
         return True
 
     def pass_done(self) -> bool:
-        checkpoint = getattr(self, "_checkpoint", None) or {}
-        return self._polls > 0 and not checkpoint.get("pending")
+        return self._polls > 0 and not (self.checkpoint and self.checkpoint.pending)
 
     def idle_wait_s(self) -> float:
-        checkpoint = getattr(self, "_checkpoint", None) or {}
-        return max(1.0, min(30.0, checkpoint.get("next_poll_at", 0) - self.clock.wall()))
+        next_poll_at = self.checkpoint.next_poll_at if self.checkpoint else 0.0
+        return max(1.0, min(30.0, next_poll_at - self.clock.wall()))
 
     @staticmethod
-    def _detail(checkpoint: dict) -> dict:
+    def _detail(checkpoint: UpsertWatermark) -> dict:
         return {
-            "watermark": checkpoint["watermark"],
-            "pending": len(checkpoint["pending"]),
-            "next_poll_at": checkpoint.get("next_poll_at"),
+            "watermark": checkpoint.watermark,
+            "pending": len(checkpoint.pending),
+            "next_poll_at": checkpoint.next_poll_at,
         }
