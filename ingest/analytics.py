@@ -18,7 +18,7 @@ The rules, in the order they are applied, are in docs/analytics.md; the short ve
 
 import math
 from bisect import bisect_left
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
 from .errors import ConfigError

@@ -3,7 +3,6 @@ checkpoints and worker progress. Functions here never open transactions: callers
 inside a worker's fenced transaction (or `store.transaction` for admin commands)."""
 
 import json
-import sqlite3
 import zlib
 from dataclasses import dataclass
 from itertools import groupby

@@ -27,7 +27,7 @@ from .. import deals as store_deals
 from ..analytics import AnalyticsParams, evaluate_deal
 from ..calllog import spend_by_worker
 from ..clock import SYSTEM_CLOCK
-from ..errors import EXIT_CONFIG, EXIT_DATABASE, EXIT_LEASE_LOST, EXIT_OK, IngestError
+from ..errors import EXIT_CONFIG, EXIT_DATABASE, EXIT_LEASE_LOST, EXIT_OK, ConfigError, IngestError
 from ..keepa import MalformedResponse, TransientError
 from ..leases import Lease, LeaseLost, LeaseTiming
 from ..metered import Stopped, keepa_settings, open_keepa
