@@ -38,7 +38,8 @@ def make_attempt(mode: str, db: str, worker: str):
     """Return a function that tries to take one token: True if admitted."""
     if mode == "ledger":
         from ingest import ledger as ledger_module
-        from ingest.ledger import Ledger, LedgerPolicy, Reservation, ledger_connection
+        from ingest.ledger import Ledger, ledger_connection
+        from ingest.token_model import LedgerPolicy, Reservation
         from ingest.store import Spin
 
         if os.environ.get("BENCH_SPIN"):  # --spin FIRST_US,MAX_US: try other BEGIN retry sleeps
@@ -109,7 +110,8 @@ def worker_main(mode: str, db: str, go: str, out: str, worker: str) -> None:
 
 def prepare(mode: str, db: Path, tokens: int) -> None:
     if mode == "ledger":
-        from ingest.ledger import Ledger, LedgerPolicy
+        from ingest.ledger import Ledger
+        from ingest.token_model import LedgerPolicy
         from ingest.store import open_db
 
         ledger = Ledger(open_db(db), "bench", LedgerPolicy())

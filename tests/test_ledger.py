@@ -7,8 +7,9 @@ import pytest
 
 from ingest.clock import FakeClock
 from ingest.keepa import Envelope
-from ingest.ledger import (Account, CostAboveCap, Ledger, LedgerPolicy, NotSynced, Refusal, Reservation, Stopped,
-                           open_reservations)
+from ingest.ledger import Ledger, Stopped
+from ingest.token_model import Account, LedgerPolicy, Refusal, Reservation, open_reservations
+from ingest.token_transitions import CostAboveCap, NotSynced
 from ingest.store import open_db
 
 NOW = 1_700_000_000.0
@@ -42,7 +43,9 @@ def env(left, refill_in_s=30.0, rate=5, consumed=0, status=200, server_time=None
 
 
 def account(balance, rate=5.0, next_tick=NOW + 10, in_flight=0.0):
-    return Account("a", balance, in_flight, NOW, rate, 0.0, next_tick, None, NOW, None, None, 0)
+    return Account(account="a", balance=balance, in_flight=in_flight, as_of=NOW, refill_rate=rate, flow_reduction=0.0,
+                   next_tick=next_tick, server_ts=None, synced_at=NOW, token_synced_at=None, blocked_until=None,
+                   rate_limited=0)
 
 
 # ---------------------------------------------------------------- the model, pure
