@@ -43,8 +43,7 @@ class Stopped(Exception):
     """The stop event was set while waiting for tokens (SIGTERM): leave quietly."""
 
 
-def _json(value: dict) -> str:
-    return json.dumps(value, separators=(",", ":"))
+_json = json.JSONEncoder(separators=(",", ":")).encode  # compact; built once (json.dumps builds one per call)
 
 
 def ledger_connection(db_path):

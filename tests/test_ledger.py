@@ -332,3 +332,25 @@ def test_spin_transaction_waits_for_the_lock_and_gives_up_after_its_budget(db_pa
         holder.execute("BEGIN IMMEDIATE")
         waiter.execute("INSERT INTO t VALUES (1)")
     holder.execute("ROLLBACK")
+
+
+def test_spend_per_worker_is_what_the_ledger_settled_failed_charged_calls_included(ledger, clock):
+    from ingest.calllog import CallRecord, spend_by_worker
+
+    ledger.set_state(balance=100, refill_rate=5, next_tick=NOW + 30)
+
+    def call(worker, consumed, status="ok", envelope_status=200):
+        r = ledger.try_reserve(5, worker, "deal")
+        e = env(left=50, consumed=consumed, status=envelope_status)
+        ledger.settle(r, e, call=CallRecord(at=clock.wall(), worker=worker, endpoint="deal", estimated=5,
+                                            actual=e.tokens_consumed, status=status))
+
+    call("upsert", 3)
+    clock.advance(10)
+    since = clock.wall()
+    call("upsert", 4)
+    call("backfill", 5)
+    call("backfill", 2, status="request_error", envelope_status=400)  # charged, then failed
+    spend = spend_by_worker(ledger.conn, since)
+    assert {w: s["tokens"] for w, s in spend.items()} == {"upsert": 4, "backfill": 7}
+    assert spend_by_worker(ledger.conn, since - 10)["upsert"]["tokens"] == 7
