@@ -30,8 +30,7 @@ from .sharing import clear_waiting
 from .store import Spin, open_db, retry_busy, transaction
 from .token_costs import estimate_cost, learn_cost, unit_cost
 from .token_model import Account, LedgerPolicy, Refusal, Reservation
-from .token_transitions import (NotSynced, admit, apply_envelope, expire_holds, rate_limited, refunded, settled,
-                                slot_for)
+from .token_transitions import admit, apply_envelope, expire_holds, rate_limited, refunded, settled, slot_for
 
 SPIN = Spin(first_s=100e-6, max_s=2e-3)  # bench/ledger.py --spin: fewer wake-ups than 20-500 µs, as fair in p99
 PURGE_EVERY_S = 5.0

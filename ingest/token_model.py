@@ -68,9 +68,10 @@ class LedgerPolicy:
         return cls(workers=workers, **values)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Account:
-    """One ledger row, projected to `as_of`."""
+    """One ledger row, projected to `as_of`. A value: ingest/token_transitions.py makes new ones
+    (its dicts are replaced, never changed in place)."""
 
     account: str
     balance: float          # server balance minus in_flight
