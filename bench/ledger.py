@@ -1,6 +1,7 @@
 """How fast can processes reserve tokens from the shared ledger, and does it ever over-admit?
 
     .venv/bin/python bench/ledger.py [--tokens 20000] [--procs 1,2,4]
+    .venv/bin/python bench/ledger.py --paced 5 [--duration 20] [--procs 2]
 
 For 1, 2 and 4 processes, each reserving 1 token at a time as fast as it can until the ledger
 refuses (a starting balance of --tokens and no refill during the run), it prints reservations
@@ -11,6 +12,11 @@ Side by side, in the same run and on the same disk:
            bench/.venv (pip install pyrate-limiter "filelock<4"); skipped with a message if absent
   naive    the deferred pattern (SELECT, then UPDATE; Python's default transaction handling):
            it over-admits, which is why tests/test_ledger_contention.py guards against it
+
+--paced N is the real load instead: each process (two workers) reserves N times a second for
+--duration seconds (Keepa's refill paces a worker at a few calls a second), and it prints the
+reserve latency and the CPU time per reservation and per second, ledger beside bare.
+Quick: --tokens 5000 --procs 1,2 --repeat 1 --modes ledger,bare,naive (about 20 s).
 """
 
 import argparse
@@ -35,7 +41,8 @@ def make_attempt(mode: str, db: str, worker: str):
     """Return a function that tries to take one token: True if admitted."""
     if mode == "ledger":
         from ingest import ledger as ledger_module
-        from ingest.ledger import Ledger, LedgerPolicy, Reservation, ledger_connection
+        from ingest.ledger import Ledger, ledger_connection
+        from ingest.token_model import LedgerPolicy, Reservation
         from ingest.store import Spin
 
         if os.environ.get("BENCH_SPIN"):  # --spin FIRST_US,MAX_US: try other BEGIN retry sleeps
@@ -87,26 +94,32 @@ def pyrate_limiter_for(db: str, tokens: int | None = None):
 
 def worker_main(mode: str, db: str, go: str, out: str, worker: str) -> None:
     attempt = make_attempt(mode, db, worker)
+    pace, duration = float(os.environ.get("BENCH_PACE") or 0), float(os.environ.get("BENCH_DURATION") or 0)
     while not os.path.exists(go):
         time.sleep(0.0005)
-    admitted, latencies = 0, []
+    admitted, latencies, cpu = 0, [], 0.0
     start = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
+    while not pace or time.perf_counter() - start < duration:
+        if pace:  # the real load: one reservation every 1/pace seconds
+            time.sleep(max(start + admitted / pace - time.perf_counter(), 0.0))
+        t0, c0 = time.perf_counter(), time.process_time()
         ok = attempt()
+        cpu += time.process_time() - c0
         latencies.append(time.perf_counter() - t0)
         if not ok:
             break
         admitted += 1
     end = time.perf_counter()
-    Path(out).write_text(json.dumps({"admitted": admitted, "latencies": latencies, "start": start, "end": end}))
+    Path(out).write_text(json.dumps({"admitted": admitted, "latencies": latencies, "start": start, "end": end,
+                                     "cpu": cpu}))
 
 
 # ---------------------------------------------------------------- the driver
 
 def prepare(mode: str, db: Path, tokens: int) -> None:
     if mode == "ledger":
-        from ingest.ledger import Ledger, LedgerPolicy
+        from ingest.ledger import Ledger
+        from ingest.token_model import LedgerPolicy
         from ingest.store import open_db
 
         ledger = Ledger(open_db(db), "bench", LedgerPolicy())
@@ -134,14 +147,14 @@ def pyrate_available() -> str | None:
     return None
 
 
-def run(mode: str, procs: int, tokens: int, folder: Path) -> dict:
+def run(mode: str, procs: int, tokens: int, folder: Path, pace: float = 0.0, duration: float = 0.0) -> dict:
     run_dir = folder / f"{mode}-{procs}"
     run_dir.mkdir(parents=True)
     db = run_dir / "bench.db"
     prepare(mode, db, tokens)
     python = str(BENCH_VENV_PYTHON) if mode == "pyrate" else sys.executable
     go = run_dir / "go"
-    env = {**os.environ, "BENCH_TOKENS": str(tokens)}
+    env = {**os.environ, "BENCH_TOKENS": str(tokens), "BENCH_PACE": str(pace), "BENCH_DURATION": str(duration)}
     children, outs = [], []
     for i in range(procs):
         out = run_dir / f"out-{i}.json"
@@ -150,7 +163,7 @@ def run(mode: str, procs: int, tokens: int, folder: Path) -> dict:
     time.sleep(1.0 if mode != "pyrate" else 2.0)  # every child connected and spinning on the go file
     go.write_text("go")
     for child in children:
-        if child.wait(timeout=600) != 0:
+        if child.wait(timeout=600 + duration) != 0:
             raise SystemExit(f"{mode} worker failed")
     results = [json.loads(o.read_text()) for o in outs]
     admitted = sum(r["admitted"] for r in results)
@@ -160,6 +173,8 @@ def run(mode: str, procs: int, tokens: int, folder: Path) -> dict:
         "mode": mode, "procs": procs, "admitted": admitted, "rate": admitted / elapsed,
         "p99_ms": latencies[int(0.99 * (len(latencies) - 1))] * 1000, "max_ms": latencies[-1] * 1000,
         "median_ms": statistics.median(latencies) * 1000, "over_admitted": admitted - tokens,
+        "cpu_us": sum(r["cpu"] for r in results) / max(admitted, 1) * 1e6,
+        "cpu_share": sum(r["cpu"] for r in results) / elapsed,
     }
 
 
@@ -170,10 +185,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each case; the best rate is kept")
     parser.add_argument("--modes", default=",".join(MODES), help="which of ledger,bare,pyrate,naive to run")
     parser.add_argument("--spin", help="the ledger's BEGIN retry sleeps, FIRST_US,MAX_US (default: ingest.ledger.SPIN)")
+    parser.add_argument("--paced", type=float, default=0.0, help="reservations per second per process (the real load)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of a --paced run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.spin:
         os.environ["BENCH_SPIN"] = args.spin
+    if args.paced:
+        return paced(args)
     modes = args.modes.split(",")
     procs = [int(p) for p in args.procs.split(",")]
     skip_pyrate = pyrate_available()
@@ -218,6 +237,24 @@ def main() -> None:
               f"  {ledger['p99_ms']:.2f} / {ledger['max_ms']:.0f}")
     if args.json:
         print(json.dumps(rows, indent=2))
+
+
+def paced(args) -> None:
+    """The real load: ledger and bare at --paced reservations a second per process."""
+    procs = [int(p) for p in args.procs.split(",")] if args.procs != "1,2,4" else [2]
+    modes = [m for m in args.modes.split(",") if m in ("ledger", "bare")]
+    folder = Path(tempfile.mkdtemp(prefix="bench-ledger-", dir=HERE.parent / "var" if (HERE.parent / "var").exists() else None))
+    try:
+        for rep in range(args.repeat):
+            for n in procs:
+                tokens = int(args.paced * args.duration * n * 2) + 100  # never refused: the pace decides
+                for mode in modes:
+                    r = run(mode, n, tokens, folder / f"rep{rep}", args.paced, args.duration)
+                    print(f"{n} proc  {mode:<7} {args.paced:g}/s each, {r['admitted']} reservations  median"
+                          f" {r['median_ms']:6.3f} ms  p99 {r['p99_ms']:6.2f} ms  max {r['max_ms']:7.2f} ms"
+                          f"  CPU {r['cpu_us']:6.1f} us/reservation = {r['cpu_share'] * 100:.3f}% of a core", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

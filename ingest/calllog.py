@@ -55,6 +55,10 @@ def recent(conn, limit: int = 50, worker: str | None = None) -> list[dict]:
 
 
 def spend_by_worker(conn, since: float) -> dict[str, dict]:
+    """Per worker since `since`: calls, tokens spent and 429s. The one source of truth for token
+    spend: `actual` is the server's tokensConsumed, written in the ledger's own transaction as it
+    settles each call (failed calls the server charged included); worker_progress.tokens_spent is
+    the workers' own count and skips those."""
     rows = conn.execute(
         "SELECT worker, count(*) AS calls, coalesce(sum(actual), 0) AS tokens,"
         " sum(status = 'rate_limited') AS rate_limited FROM keepa_calls WHERE at >= ? GROUP BY worker",

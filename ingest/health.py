@@ -198,7 +198,7 @@ def _safe_leases(ctx: Context) -> dict:
 
 
 def token_accounts(ctx: Context) -> list[Account]:
-    return [Account(**dict(r)).projected(ctx.now) for r in ctx.conn.execute("SELECT * FROM token_accounts")]
+    return [Account.from_row(r).projected(ctx.now) for r in ctx.conn.execute("SELECT * FROM token_accounts")]
 
 
 def tokens_spent(conn, since: float, until: float | None = None) -> int:

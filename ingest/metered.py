@@ -28,11 +28,13 @@ from .keepa import (
     RateLimited,
     TransientError,
 )
-from .ledger import SPIN, CostAboveCap, Ledger, LedgerPolicy, Stopped, account_id, ledger_connection
+from .ledger import SPIN, Ledger, Stopped, ledger_connection
 from .logs import register_secret
 from .settings import KeepaSettings, parse, with_environment
 from .store import transaction
 from .token_costs import product_kind
+from .token_model import LedgerPolicy, account_id
+from .token_transitions import CostAboveCap
 
 __all__ = ["MeteredKeepa", "open_keepa", "Stopped", "CostAboveCap", "keepa_settings"]
 

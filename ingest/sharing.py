@@ -8,7 +8,8 @@ cost}}, stored in the ledger row as JSON.
   waiting, seen,  set while reserve() waits: since when, the latest attempt, and for how much
   cost
 
-The per-worker dicts are replaced, never changed in place: the ledger's JSON cache shares them.
+Pure: the functions that change the state return a new dict, and never change the one they are
+given (nor its per-worker dicts).
 """
 
 from .token_model import LedgerPolicy
@@ -81,20 +82,21 @@ def next_cost(state: dict) -> float:
 
 
 def record_spend(workers: dict, worker: str, amount: float, now: float, policy: LedgerPolicy, *,
-                 reserved: bool = False) -> None:
+                 reserved: bool = False) -> dict:
     """Add `amount` (negative: given back) to the worker's decayed spend; `reserved`: a new
     reservation, which also makes the worker busy."""
     old = workers.get(worker)
     spent = decayed(old.get("spent", 0.0), old.get("at", now), now, policy) if old else 0.0
     if reserved:  # last_cost: what it is likely to ask for next; refused: when (see held_by)
-        workers[worker] = {"spent": max(spent + amount, 0.0), "at": now, "last": now, "last_cost": amount}
+        w = {"spent": max(spent + amount, 0.0), "at": now, "last": now, "last_cost": amount}
         if old and old.get("refused") is not None:
-            workers[worker]["refused"] = old["refused"]
+            w["refused"] = old["refused"]
     else:
-        workers[worker] = {**(old or {}), "spent": max(spent + amount, 0.0), "at": now}
+        w = {**(old or {}), "spent": max(spent + amount, 0.0), "at": now}
+    return {**workers, worker: w}
 
 
-def mark_refused(workers: dict, worker: str, cost: float, now: float, waiting: bool) -> None:
+def mark_refused(workers: dict, worker: str, cost: float, now: float, waiting: bool) -> dict:
     """Remember the refusal (a refused worker is hungry: see held_by) and, for reserve(), that
     the worker waits for `cost`."""
     w = dict(workers.get(worker) or {"spent": 0.0, "at": now})
@@ -104,12 +106,11 @@ def mark_refused(workers: dict, worker: str, cost: float, now: float, waiting: b
             w["waiting"] = now
         w["seen"] = now
         w["cost"] = cost
-    workers[worker] = w
+    return {**workers, worker: w}
 
 
-def clear_waiting(workers: dict, worker: str) -> bool:
-    """reserve() stopped waiting (admitted, stopped or failed): False if there was nothing to clear."""
+def clear_waiting(workers: dict, worker: str) -> dict:
+    """reserve() stopped waiting (admitted, stopped or failed): the worker is no longer waiting."""
     if worker not in workers:
-        return False
-    workers[worker] = {k: v for k, v in workers[worker].items() if k not in WAITING_KEYS}
-    return True
+        return workers
+    return {**workers, worker: {k: v for k, v in workers[worker].items() if k not in WAITING_KEYS}}

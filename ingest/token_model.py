@@ -4,14 +4,15 @@ Keepa's bucket: the server balance S gains `rate` tokens at each minute tick, ca
 a call runs when S > 0 and may take it negative; at S <= 0 the server answers 429. An `Account`
 is one ledger row: `balance` = S minus `in_flight` (the sum of open reservations), projected to a
 time by `projected()`. `LedgerPolicy` holds the ledger's settings ([ledger] in the config),
-`Reservation` and `Refusal` are what an attempt to reserve returns. The ledger itself (row I/O,
-transactions, sharing) is ingest/ledger.py.
+`Reservation` and `Refusal` are what an attempt to reserve returns. How a row changes (envelopes,
+holds, refusals, closing, the 429 block) is ingest/token_transitions.py; who goes first while
+tokens are scarce is ingest/sharing.py; the row's I/O in transactions is ingest/ledger.py.
 """
 
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 from .errors import ConfigError
 from .settings import Rule, parse, setting
@@ -74,9 +75,10 @@ class LedgerPolicy:
         return parse(cls, config.get("ledger"), "ledger")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Account:
-    """One ledger row, projected to `as_of`."""
+    """One ledger row, projected to `as_of`. A value: ingest/token_transitions.py makes new ones
+    (its dicts are replaced, never changed in place)."""
 
     account: str
     balance: float          # server balance minus in_flight
@@ -93,11 +95,14 @@ class Account:
     workers: dict = field(default_factory=dict)  # sharing state: {worker: {spent, at, last, waiting, seen, cost}}
     holds: dict = field(default_factory=dict)    # open reservations: {slot: [count, cost, newest at]}
 
-    def __post_init__(self):
-        if isinstance(self.workers, str):  # as stored
-            self.workers = json.loads(self.workers or "{}")
-        if isinstance(self.holds, str):
-            self.holds = json.loads(self.holds or "{}")
+    @classmethod
+    def from_row(cls, row) -> "Account":
+        """From a token_accounts row (sqlite3.Row or a mapping of its columns): workers and holds
+        are stored as JSON."""
+        values = {name: row[name] for name in _ACCOUNT_FIELDS}
+        values["workers"] = json.loads(values["workers"] or "{}")
+        values["holds"] = json.loads(values["holds"] or "{}")
+        return cls(**values)
 
     @property
     def cap(self) -> float:
@@ -117,7 +122,7 @@ class Account:
             return self
         ticks = int((now - self.next_tick) // TICK_S) + 1
         server = min(self.server_balance + ticks * self.effective_rate, max(self.cap, 0.0))
-        return updated(self, balance=server - self.in_flight, next_tick=self.next_tick + ticks * TICK_S, as_of=now)
+        return replace(self, balance=server - self.in_flight, next_tick=self.next_tick + ticks * TICK_S, as_of=now)
 
     def time_until_available(self, amount: float, now: float) -> float | None:
         """Seconds until `balance` >= amount with no further spending; None if never (no refill,
@@ -131,9 +136,7 @@ class Account:
         return max(self.next_tick + (ticks - 1) * TICK_S - now, 0.0)
 
 
-def updated(account: Account, **changes) -> Account:
-    # the workers and holds dicts are shared on purpose: one Account's life is one transaction
-    return Account(**{**account.__dict__, **changes})
+_ACCOUNT_FIELDS = tuple(f.name for f in fields(Account))  # = the token_accounts columns
 
 
 def open_reservations(account: Account, ttl_s: float) -> list[dict]:
@@ -160,7 +163,7 @@ class Reservation:
 @dataclass(frozen=True)
 class Refusal:
     wait_s: float
-    reason: str   # blocked | tokens | share | unreachable
+    reason: str   # blocked | tokens | share:{holder} | unreachable
 
 
 def account_id(api_key: str) -> str:

@@ -7,8 +7,9 @@ import pytest
 
 from ingest.clock import FakeClock
 from ingest.keepa import Envelope
-from ingest.ledger import (Account, CostAboveCap, Ledger, LedgerPolicy, NotSynced, Refusal, Reservation, Stopped,
-                           open_reservations)
+from ingest.ledger import Ledger, Stopped
+from ingest.token_model import Account, LedgerPolicy, Refusal, Reservation, open_reservations
+from ingest.token_transitions import CostAboveCap, NotSynced
 from ingest.store import open_db
 
 NOW = 1_700_000_000.0
@@ -42,7 +43,9 @@ def env(left, refill_in_s=30.0, rate=5, consumed=0, status=200, server_time=None
 
 
 def account(balance, rate=5.0, next_tick=NOW + 10, in_flight=0.0):
-    return Account("a", balance, in_flight, NOW, rate, 0.0, next_tick, None, NOW, None, None, 0)
+    return Account(account="a", balance=balance, in_flight=in_flight, as_of=NOW, refill_rate=rate, flow_reduction=0.0,
+                   next_tick=next_tick, server_ts=None, synced_at=NOW, token_synced_at=None, blocked_until=None,
+                   rate_limited=0)
 
 
 # ---------------------------------------------------------------- the model, pure
@@ -329,3 +332,25 @@ def test_spin_transaction_waits_for_the_lock_and_gives_up_after_its_budget(db_pa
         holder.execute("BEGIN IMMEDIATE")
         waiter.execute("INSERT INTO t VALUES (1)")
     holder.execute("ROLLBACK")
+
+
+def test_spend_per_worker_is_what_the_ledger_settled_failed_charged_calls_included(ledger, clock):
+    from ingest.calllog import CallRecord, spend_by_worker
+
+    ledger.set_state(balance=100, refill_rate=5, next_tick=NOW + 30)
+
+    def call(worker, consumed, status="ok", envelope_status=200):
+        r = ledger.try_reserve(5, worker, "deal")
+        e = env(left=50, consumed=consumed, status=envelope_status)
+        ledger.settle(r, e, call=CallRecord(at=clock.wall(), worker=worker, endpoint="deal", estimated=5,
+                                            actual=e.tokens_consumed, status=status))
+
+    call("upsert", 3)
+    clock.advance(10)
+    since = clock.wall()
+    call("upsert", 4)
+    call("backfill", 5)
+    call("backfill", 2, status="request_error", envelope_status=400)  # charged, then failed
+    spend = spend_by_worker(ledger.conn, since)
+    assert {w: s["tokens"] for w, s in spend.items()} == {"upsert": 4, "backfill": 7}
+    assert spend_by_worker(ledger.conn, since - 10)["upsert"]["tokens"] == 7

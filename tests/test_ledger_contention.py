@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 from ingest.clock import FakeClock
-from ingest.ledger import Ledger, LedgerPolicy, Reservation, ledger_connection, open_reservations
+from ingest.ledger import Ledger, ledger_connection
 from ingest.store import connect, open_db
+from ingest.token_model import LedgerPolicy, Reservation, open_reservations
 
 from .conftest import ROOT
 

@@ -25,11 +25,11 @@ MARKS = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
 
 
 def _tokens(conn, now: float) -> list[dict]:
-    from ..ledger import Account, LedgerPolicy, open_reservations
+    from ..token_model import Account, LedgerPolicy, open_reservations
 
     out = []
     for row in conn.execute("SELECT * FROM token_accounts ORDER BY account"):
-        a = Account(**dict(row)).projected(now)
+        a = Account.from_row(row).projected(now)
         held = open_reservations(a, LedgerPolicy().reservation_ttl_s)
         reservations = sum(h["count"] for h in held if h["expires_at"] >= now)
         out.append({

@@ -9,9 +9,10 @@ import click
 
 from .. import calllog
 from ..keepa import KeepaError
-from ..ledger import Account, Ledger, LedgerPolicy, account_id, open_reservations
+from ..ledger import Ledger
 from ..metered import open_keepa
 from ..token_costs import learned
+from ..token_model import Account, LedgerPolicy, account_id, open_reservations
 
 
 def _iso(t: float | None) -> str | None:
