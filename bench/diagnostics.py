@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ingest import diagnostics  # noqa: E402
 from ingest.funnel import deal_stats, rejections  # noqa: E402
-from ingest.health import assess  # noqa: E402
+from ingest.health import assess_health  # noqa: E402
 from ingest.store import open_db, transaction  # noqa: E402
 
 VIEWS = ["lease_health", "token_flow_hourly", "rejections_hourly", "funnel", "deal_freshness", "worker_activity",
@@ -87,7 +87,7 @@ def main() -> None:
         timed("count(*) decisions (full scan)", lambda: conn.execute("SELECT count(*) FROM decisions").fetchone())
         timed("count(*) keepa_calls (full scan)", lambda: conn.execute("SELECT count(*) FROM keepa_calls").fetchone())
         print("commands")
-        timed("health.assess (ingest status checks)", lambda: assess(conn, now=now, supervisor=None))
+        timed("health.assess_health (ingest status checks)", lambda: assess_health(conn, now=now, supervisor=None))
         env = diagnostics.Environment(path)
         timed("diagnose stall, all checks", lambda: diagnostics.diagnose_stall(conn, path, now=now, env=env), 1)
         timed("  of which integrity_check", lambda: conn.execute("PRAGMA integrity_check").fetchall(), 1)
