@@ -22,7 +22,7 @@ import sqlite_utils
 
 from ingest import diagnostics
 from ingest.funnel import deal_stats, rejections
-from ingest.health import assess
+from ingest.health import assess_health
 from ingest.store import open_db, transaction
 
 VIEWS = ["lease_health", "token_flow_hourly", "rejections_hourly", "funnel", "deal_freshness", "worker_activity",
@@ -111,7 +111,7 @@ def main() -> None:
         timed("count(*) decisions (full scan)", lambda: conn.execute("SELECT count(*) FROM decisions").fetchone())
         timed("count(*) keepa_calls (full scan)", lambda: conn.execute("SELECT count(*) FROM keepa_calls").fetchone())
         print("commands")
-        timed("health.assess (ingest status checks)", lambda: assess(conn, now=now, supervisor=None))
+        timed("health.assess_health (ingest status checks)", lambda: assess_health(conn, now=now, supervisor=None))
         env = diagnostics.Environment(path)
         timed("diagnose stall, all checks", lambda: diagnostics.diagnose_stall(conn, path, now=now, env=env), 1)
         timed("  of which integrity_check", lambda: conn.execute("PRAGMA integrity_check").fetchall(), 1)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoints import BackfillCursor, UpsertWatermark
-from .health import (CORE_CHECKS, Assessment, Check, Context, _between_passes, ago, combine, make_context,
-                     run_checks, token_accounts)
+from .health import CORE_CHECKS, _between_passes, token_accounts
+from .verdicts import Check, Context, HealthReport, ago, combine, make_context, run_checks
 from .keepatime import keepa_minutes_to_unix_seconds
 
 # 3.51.3 fixed a race in which a WAL reset could corrupt the database (several connections
@@ -176,7 +176,7 @@ STALL_EXTRA = (check_token_trend, check_cursor)
 
 def diagnose_stall(conn, db_path: Path | None, *, now: float | None = None, supervisor: dict | None = None,
                    stall_minutes: float = 10.0, config: dict | None = None, env: Environment | None = None,
-                   **kwargs) -> Assessment:
+                   **kwargs) -> HealthReport:
     """Every check, status's and the slower ones, in the order an operator would run them."""
     env = env or Environment(db_path)
     ctx = make_context(conn, now=now, supervisor=supervisor, stall_minutes=stall_minutes, config=config, **kwargs)

@@ -1,12 +1,8 @@
 """Errors that end a command, and the exit codes operators and supervisord see.
 
-Exit codes (documented in README.md):
-  0  success / healthy
-  1  failure, or "degraded" for status commands
-  2  usage error (click), or "down" for status commands
-  3  configuration error (bad config file, bad query, missing key)
-  4  database error (cannot open, read-only, not SQLite, newer schema)
-  5  lease lost: another process holds our lease now
+The one table of exit codes: the constants below, `EXIT_MEANINGS` (what a worker's exit status
+means, shown by `ingest status`) and `EXIT_BY_VERDICT` (what status commands exit with).
+README.md documents the same table for operators.
 """
 
 EXIT_OK = 0
@@ -15,6 +11,18 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_DATABASE = 4
 EXIT_LEASE_LOST = 5
+
+EXIT_MEANINGS = {
+    EXIT_OK: "stopped cleanly",
+    EXIT_FAILURE: "failed",
+    EXIT_USAGE: "usage error",
+    EXIT_CONFIG: "configuration error",
+    EXIT_DATABASE: "database error",
+    EXIT_LEASE_LOST: "lost its lease",
+}
+
+# `ingest status` and `ingest diagnose stall` exit with the verdict (ingest/verdicts.py)
+EXIT_BY_VERDICT = {"healthy": EXIT_OK, "degraded": EXIT_FAILURE, "down": EXIT_USAGE}
 
 
 class IngestError(Exception):

@@ -8,14 +8,14 @@ are always reported apart.
 
 import re
 
-from .errors import IngestError
+from .errors import EXIT_USAGE, IngestError
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 
 
 class BadDuration(IngestError):
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 def parse_duration(text: str) -> float:

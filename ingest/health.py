@@ -2,9 +2,9 @@
 
 Each check reads the state tables (leases, token ledger, call log, worker progress, checkpoints)
 and returns a `Check`: a verdict ('ok' | 'warn' | 'fail'), a one-line summary, the next step an
-operator should take, and the figures behind it. `assess()` runs the checks `ingest status` needs
-(CORE_CHECKS) and folds them into one verdict (the records, the check `Context` and the folding
-are ingest/verdicts.py):
+operator should take, and the figures behind it. `assess_health()` runs the checks `ingest status`
+needs (CORE_CHECKS) and folds them into one verdict (the records, the check `Context` and the
+folding are ingest/verdicts.py):
 
   down      some check failed: a worker is not running / not holding its lease, or the
             database is unusable
@@ -19,20 +19,20 @@ import sqlite3
 
 from .checkpoints import BackfillCursor
 from .clock import SYSTEM_CLOCK
+from .lease_rules import ACQUISITIONS, LeaseState
 from .lease_table import CorruptLease
 from .leases import LeaseTiming
 from .store import latest_version, schema_version
 from .token_model import Account
-# The records and the machinery, re-exported: callers import them from ingest.health.
-from .verdicts import (VERDICT_ORDER, WORKERS, Assessment, Check, Context, ago, combine,  # noqa: F401
-                       make_context, run_checks)
+from .verdicts import WORKERS, Check, Context, HealthReport, ago, combine, make_context, run_checks
 
 RESTART_WINDOW_S = 15 * 60.0     # lease acquisitions counted over this window ...
 RESTART_LOOP_ACQUISITIONS = 4    # ... this many or more: a restart loop
 FULL_FRACTION = 0.98             # balance at >= 98% of the cap counts as "full"
-RUNNING_STATES = {"RUNNING"}
-TRANSIENT_STATES = {"STARTING", "BACKOFF", "STOPPING"}   # warn: not settled
-DOWN_STATES = {"STOPPED", "FATAL", "EXITED", "UNKNOWN"}   # fail: not running
+# supervisord program states by the verdict check_supervisor gives them; any other state fails
+OK_PROGRAM_STATES = frozenset({"RUNNING"})
+WARN_PROGRAM_STATES = frozenset({"STARTING", "BACKOFF", "STOPPING"})   # not settled yet
+
 
 def _age(now: float, then: float | None) -> float | None:
     return None if then is None else round(now - then, 1)
@@ -69,11 +69,11 @@ def check_leases(ctx: Context) -> Check:
         data[worker] = {"state": state, "holder": row and row["holder"], "pid": row and row["pid"],
                         "fence": row and row["fence"], "held_for": row and row["held_for"],
                         "transitions": row and row["transitions"]}
-        if state in ("free", "never taken"):
+        if state in (LeaseState.FREE, "never taken"):
             fails.append(f"{worker} lease {state}: no {worker} worker is running")
-        elif state == "dead-holder":
+        elif state == LeaseState.DEAD_HOLDER:
             fails.append(f"{worker} lease held by dead pid {row['pid']}")
-        elif state == "expired":
+        elif state == LeaseState.EXPIRED:
             warns.append(f"{worker} lease expired (holder {row['holder']} stopped renewing)")
     if fails:
         return Check("leases", "fail", "; ".join(fails + warns),
@@ -99,7 +99,7 @@ def check_heartbeats(ctx: Context) -> Check:
         return Check("heartbeats", "fail", str(e), "fix or delete the row by hand (see docs/leases.md)")
     data, late = {}, []
     for name, row in leases.items():
-        if row["state"] not in ("held", "expired"):
+        if row["state"] not in (LeaseState.HELD, LeaseState.EXPIRED):
             continue
         data[name] = {"heartbeat_age": row["heartbeat_age"], "limit": limit, "basis": row["basis"]}
         if row["heartbeat_age"] is not None and row["heartbeat_age"] > limit:
@@ -256,9 +256,9 @@ def check_restarts(ctx: Context) -> Check:
     """Many acquisitions of one lease lately: a worker crashing and being restarted in a loop."""
     since = ctx.now - RESTART_WINDOW_S
     rows = ctx.conn.execute(
-        "SELECT name, count(*) FROM lease_events WHERE at >= ?"
-        " AND event IN ('acquired', 'taken_over_expired', 'taken_over_dead') GROUP BY name",
-        (since,),
+        f"SELECT name, count(*) FROM lease_events WHERE at >= ?"
+        f" AND event IN ({', '.join('?' * len(ACQUISITIONS))}) GROUP BY name",
+        (since, *ACQUISITIONS),
     ).fetchall()
     counts = {r[0]: r[1] for r in rows}
     data = {"window_s": RESTART_WINDOW_S, "acquisitions": counts}
@@ -291,9 +291,9 @@ def check_supervisor(ctx: Context) -> Check:
         proc = _program(ctx.supervisor, worker)
         state = (proc or {}).get("state", "absent")
         data[worker] = {"state": state, "pid": (proc or {}).get("pid"), "uptime_s": (proc or {}).get("uptime_s")}
-        if state in RUNNING_STATES:
+        if state in OK_PROGRAM_STATES:
             continue
-        (warns if state in TRANSIENT_STATES else fails).append(f"{worker} {state}")
+        (warns if state in WARN_PROGRAM_STATES else fails).append(f"{worker} {state}")
     if fails:
         return Check("supervisor", "fail", "not running: " + ", ".join(fails + warns),
                      "supervisorctl -c supervisor.d/supervisord.conf start WORKER; if FATAL, read its log first", data)
@@ -307,9 +307,9 @@ CORE_CHECKS = (check_database, check_supervisor, check_leases, check_heartbeats,
                check_last_fetch, check_tokens, check_rate_limits, check_restarts)
 
 
-def assess(conn, *, now: float | None = None, supervisor: dict[str, dict] | None = None,
-           stall_minutes: float = 10.0, config: dict | None = None, workers: tuple[str, ...] = WORKERS,
-           clock=SYSTEM_CLOCK) -> Assessment:
+def assess_health(conn, *, now: float | None = None, supervisor: dict[str, dict] | None = None,
+                  stall_minutes: float = 10.0, config: dict | None = None, workers: tuple[str, ...] = WORKERS,
+                  clock=SYSTEM_CLOCK) -> HealthReport:
     """The verdict `ingest status` shows. `supervisor`: program name -> {state, pid, uptime_s, ...},
     or None when supervisord is not reachable. `config` supplies the lease timing ([leases])."""
     ctx = make_context(conn, now=now, supervisor=supervisor, stall_minutes=stall_minutes, config=config,

@@ -1,8 +1,10 @@
-"""The lease tables as data: validated rows, events, the operator's view and admin release.
+"""The lease tables: validated rows, every statement that reads or writes them, the operator's
+view and admin release.
 
-The rules that decide who may take a lease live in ingest/leases.py; this module reads and
-describes rows. Times shown to operators come from the wall clock only where nothing better
-exists (a holder on another host or boot); see docs/leases.md.
+The rules that decide who may take a lease are pure functions in ingest/lease_rules.py; the
+process side (heartbeat thread, fenced transactions) is ingest/leases.py. Times shown to
+operators come from the wall clock only where nothing better exists (a holder on another host or
+boot); see docs/leases.md.
 """
 
 import math
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from . import procinfo
 from .clock import SYSTEM_CLOCK
 from .errors import IngestError, StoreError
+from .lease_rules import HolderStatus, LeaseEvent, LeaseState, holder_status
 from .procinfo import Identity
 from .store import transaction
 
@@ -99,63 +102,100 @@ class LeaseRow:
         return (self.fence, self.nonce, self.renewals)
 
 
+def holder_alive(row: LeaseRow | None, me: Identity) -> bool | None:
+    """Is the holder running? Asked of /proc only for a holder on our host, boot and pid
+    namespace; None for any other (or a free row): nobody here can tell."""
+    if row is None or not row.held or not me.is_local(row.host, row.boot, row.pidns):
+        return None
+    return procinfo.is_alive(row.pid, row.start)
+
+
+# ---------------------------------------------------------------- statements (inside the caller's transaction)
+
+
 def read_lease(conn: sqlite3.Connection, name: str) -> LeaseRow | None:
     row = conn.execute("SELECT * FROM leases WHERE name = ?", (name,)).fetchone()
     return None if row is None else LeaseRow.parse(row)
 
 
-def add_event(conn, name: str, event: str, fence: int, holder: str | None, at: float, detail: str | None = None):
+def add_event(conn, name: str, event: LeaseEvent, fence: int, holder: str | None, at: float,
+              detail: str | None = None) -> None:
     conn.execute(
         "INSERT INTO lease_events (name, at, event, fence, holder, detail) VALUES (?, ?, ?, ?, ?, ?)",
-        (name, at, event, fence, holder, detail),
+        (name, at, LeaseEvent(event).value, fence, holder, detail),
     )
 
 
+def still_ours(conn, name: str, nonce: str, fence: int) -> bool:
+    """Does the row still name holder `nonce` in epoch `fence`?"""
+    row = conn.execute("SELECT holder_nonce, fence FROM leases WHERE name = ?", (name,)).fetchone()
+    return row is not None and row["holder_nonce"] == nonce and row["fence"] == fence
+
+
+def write_holder(conn, name: str, row: LeaseRow | None, me: Identity, ttl_s: float, wall: float,
+                 mono: float) -> int:
+    """Make `me` the holder in a new epoch (fence + 1; the row is created at fence 1). Returns
+    the new fence."""
+    holder = (me.host, me.boot, me.pidns, me.pid, me.start, me.nonce)
+    times = (ttl_s, wall, wall, wall + ttl_s, mono)
+    if row is None:
+        fence = 1
+        conn.execute(
+            "INSERT INTO leases (name, holder_host, holder_boot, holder_pidns, holder_pid, holder_start,"
+            " holder_nonce, fence, ttl_s, acquired_at, renewed_at, expires_at, renewed_mono, renewals,"
+            " transitions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 1)",
+            (name, *holder, fence, *times),
+        )
+        return fence
+    fence = row.fence + 1
+    conn.execute(
+        "UPDATE leases SET holder_host = ?, holder_boot = ?, holder_pidns = ?, holder_pid = ?,"
+        " holder_start = ?, holder_nonce = ?, fence = ?, ttl_s = ?, acquired_at = ?, renewed_at = ?,"
+        " expires_at = ?, renewed_mono = ?, renewals = 0, transitions = transitions + 1"
+        " WHERE name = ?",
+        (*holder, fence, *times, name),
+    )
+    return fence
+
+
+def write_renewal(conn, name: str, ttl_s: float, wall: float, mono: float) -> None:
+    conn.execute(
+        "UPDATE leases SET renewed_at = ?, expires_at = ?, renewed_mono = ?, renewals = renewals + 1"
+        " WHERE name = ?",
+        (wall, wall + ttl_s, mono, name),
+    )
+
+
+def clear_holder(conn, name: str, nonce: str, fence: int) -> bool:
+    """Free the lease if holder `nonce` still holds it in epoch `fence` (never a successor's).
+    True when it was cleared."""
+    return conn.execute(
+        f"UPDATE leases SET {', '.join(c + ' = NULL' for c in HOLDER_COLUMNS)}"
+        " WHERE name = ? AND holder_nonce = ? AND fence = ?",
+        (name, nonce, fence),
+    ).rowcount > 0
+
+
 # ---------------------------------------------------------------- the operator's view
-
-
-@dataclass(frozen=True)
-class Assessment:
-    state: str                    # free | held | expired | dead-holder
-    alive: bool | None            # None: holder on another host/boot, cannot tell
-    heartbeat_age: float | None
-    basis: str | None             # 'monotonic' (same boot: exact) or 'wall' (estimate)
-
-    def expires_in(self, ttl_s: float) -> float | None:
-        if self.state == "free":
-            return None
-        if self.state in ("expired", "dead-holder"):
-            return 0.0
-        return max(0.0, ttl_s - self.heartbeat_age)
-
-
-def assess(row: LeaseRow, me: Identity, now_mono: float, now_wall: float) -> Assessment:
-    """One look at a row, for display and admin release (acquire uses its own rules)."""
-    if not row.held:
-        return Assessment("free", None, None, None)
-    if me.is_local(row.host, row.boot, row.pidns):
-        alive = procinfo.is_alive(row.pid, row.start)
-        age = now_mono - row.renewed_mono
-        if not alive:
-            return Assessment("dead-holder", False, age, "monotonic")
-        return Assessment("expired" if age > row.ttl_s else "held", True, age, "monotonic")
-    age = now_wall - row.renewed_at
-    return Assessment("expired" if age > row.ttl_s else "held", None, age, "wall")
 
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+def _status(row: LeaseRow, me: Identity, clock, now_wall: float | None = None) -> HolderStatus:
+    return holder_status(row, me, holder_alive(row, me), clock.monotonic(),
+                         clock.wall() if now_wall is None else now_wall)
+
+
 def lease_rows(conn: sqlite3.Connection, now_wall: float | None = None, *, clock=SYSTEM_CLOCK) -> list[dict]:
     """Every lease with its state: what `ingest leases --json` prints."""
     me = Identity.current()
     now_wall = clock.wall() if now_wall is None else now_wall
-    now_mono = clock.monotonic()
     out = []
     for raw in conn.execute("SELECT * FROM leases ORDER BY name").fetchall():
         row = LeaseRow.parse(raw)
-        a = assess(row, me, now_mono, now_wall)
+        a = _status(row, me, clock, now_wall)
         out.append({
             "name": row.name,
             "holder": row.holder_label,
@@ -201,18 +241,16 @@ def admin_release(conn: sqlite3.Connection, name: str, *, force: bool = False, c
             raise UnknownLease(f"no lease named {name!r}")
         if not row.held:
             return f"lease {name!r} is already free (fence {row.fence})"
-        a = assess(row, me, clock.monotonic(), clock.wall())
-        if a.state == "held" and not force:
+        a = _status(row, me, clock)
+        if a.state == LeaseState.HELD and not force:
             who = "alive and renewing" if a.alive else "renewing (by its wall clock; on another host)"
             raise IngestError(
                 f"lease {name!r} is held by {row.host} pid {row.pid}, {who}, "
                 f"last heartbeat {a.heartbeat_age:.1f}s ago; use --force to release it anyway"
             )
-        event = "force_released" if a.state == "held" else "released"
-        conn.execute(
-            f"UPDATE leases SET {', '.join(c + ' = NULL' for c in HOLDER_COLUMNS)} WHERE name = ?", (name,)
-        )
+        event = LeaseEvent.FORCE_RELEASED if a.state == LeaseState.HELD else LeaseEvent.RELEASED
+        clear_holder(conn, name, row.nonce, row.fence)  # read in this transaction: always clears
         add_event(conn, name, event, row.fence, row.holder_label, clock.wall(),
                   f"by `ingest leases release` (pid {me.pid}); holder state was {a.state}")
-    verb = "force-released" if event == "force_released" else "released"
+    verb = "force-released" if event == LeaseEvent.FORCE_RELEASED else "released"
     return f"{verb} lease {name!r} (was {row.holder_label}, {a.state}, fence {row.fence})"

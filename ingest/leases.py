@@ -1,16 +1,14 @@
 """Leases: a named row in SQLite that one process holds while it keeps renewing it.
 
-A lease replaces a lock that could outlive its holder. The rules (docs/leases.md):
+A lease replaces a lock that could outlive its holder (docs/leases.md). This module is the
+process side: `LeaseTiming`, and `Lease` (acquire, heartbeat thread, fenced writes, release).
+Who may take a lease is decided by `lease_rules.decide_take` (pure: free, dead local holder, or
+expired by CLOCK_MONOTONIC / by a TTL of observed silence; never by the wall clock); every
+statement on the rows is in `lease_table`.
 
-* Acquire succeeds when the row is free; held by a dead process on this host (pid gone, or the
-  pid now belongs to a process with another start time): at once; or expired.
-* Expiry is never judged by the wall clock. A holder on this boot stored its CLOCK_MONOTONIC
-  reading at each renewal, and CLOCK_MONOTONIC is system-wide, so we compare readings directly.
-  A holder on another host or boot is expired only after we have watched its row stay unchanged
-  (same fence, nonce and renewal count) for a whole TTL on our own monotonic clock.
-* Every change of holder adds 1 to the fencing token. `fenced(conn)` checks, inside the caller's
-  write transaction, that we still hold the lease with our token: a paused or partitioned old
-  holder can never write after a takeover.
+Every change of holder adds 1 to the fencing token. `fenced(conn)` checks, inside the caller's
+write transaction, that we still hold the lease with our token: a paused or partitioned old
+holder can never write after a takeover.
 """
 
 import logging
@@ -20,10 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Iterator
 
-from . import procinfo
 from .clock import SYSTEM_CLOCK
 from .errors import EXIT_LEASE_LOST, ConfigError, IngestError
-from .lease_table import CorruptLease, LeaseRow, add_event, lease_history, lease_rows, read_lease  # noqa: F401
+from .lease_rules import LeaseEvent, Watch, decide_take
+from .lease_table import (CorruptLease, add_event, clear_holder, holder_alive, read_lease, still_ours, write_holder,
+                          write_renewal)
 from .procinfo import Identity
 from .settings import parse, setting
 from .store import connect, open_db, transaction
@@ -74,7 +73,11 @@ class LeaseLost(IngestError):
 
 class Lease:
     """One process's claim on the lease `name`. Not shared between processes; one object may be
-    used from the worker's thread and its own heartbeat thread."""
+    used from the worker's thread and its own heartbeat thread.
+
+    A worker calls `check()` between steps (it raises LeaseLost once the loss is noticed) and
+    does every data write inside `fenced(conn)`. `lost` is the threading.Event behind `check()`;
+    `wait_lost()` blocks on it."""
 
     def __init__(self, db_path, name: str, timing: LeaseTiming = LeaseTiming(), clock=SYSTEM_CLOCK,
                  *, identity: Identity | None = None):
@@ -88,13 +91,11 @@ class Lease:
         self.lost = threading.Event()
         self._fence: int | None = None           # set while we believe we hold the lease
         self._conn = None
-        self._observed: tuple | None = None      # (row key, our monotonic when first seen)
+        self._watch: Watch | None = None         # a remote holder's row we are watching
         self._lost_recorded = False
         self._lost_lock = threading.Lock()
         self._heartbeat: threading.Thread | None = None
         self._heartbeat_stop = threading.Event()
-        self._local = threading.local()          # per thread: depth of our open transactions
-        self._release_pending = False
 
     def __repr__(self):
         return f"<Lease {self.name!r} fence={self._fence} holder={self.me.label}>"
@@ -105,25 +106,22 @@ class Lease:
         """One attempt, never waits for the lease. True when we hold it afterwards."""
         if self.held:
             return True
-        try:
-            with self._own_transaction(self._connection()) as conn:
-                row = read_lease(conn, self.name)
-                how = self._may_take(row)
-                if how is None:
-                    return False
-                event, detail = how
-                # set before the commit: a release() deferred to the commit must see it
-                self._fence = self._take(conn, row, event, detail)
-                self._observed = None
-                with self._lost_lock:
-                    self._lost_recorded = False
-                    self.lost.clear()
-        except BaseException:
-            self._fence = None
-            raise
-        if self._fence is None:  # a signal asked for release during the attempt
-            return False
-        log.info("lease %s %s, fence %d%s", self.name, event, self._fence, f" ({detail})" if detail else "")
+        conn = self._connection()
+        with transaction(conn):
+            row = read_lease(conn, self.name)
+            decision = decide_take(row, self.me, holder_alive(row, self.me), self._watch, self.clock.monotonic())
+            self._watch = decision.watch
+            if not decision.take:
+                return False
+            wall = self.clock.wall()
+            fence = write_holder(conn, self.name, row, self.me, self.timing.ttl_s, wall, self.clock.monotonic())
+            add_event(conn, self.name, decision.event, fence, self.me.label, wall, decision.detail)
+        with self._lost_lock:
+            self._lost_recorded = False
+            self.lost.clear()
+        self._fence = fence
+        log.info("lease %s %s, fence %d%s", self.name, decision.event, fence,
+                 f" ({decision.detail})" if decision.detail else "")
         return True
 
     def acquire(self, stop: threading.Event | None = None, timeout: float | None = None) -> bool:
@@ -143,58 +141,6 @@ class Lease:
             if self.clock.sleep(wait, stop):
                 return False
 
-    def _may_take(self, row: LeaseRow | None) -> tuple[str, str | None] | None:
-        """(event, detail) when we may take the lease now, else None."""
-        if row is None or not row.held:
-            return ("acquired", None)
-        if row.nonce == self.me.nonce:
-            # our own row that we no longer track (a release that failed): start a new epoch
-            return ("acquired", "own stale row")
-        now = self.clock.monotonic()
-        if self.me.is_local(row.host, row.boot, row.pidns):
-            if not procinfo.is_alive(row.pid, row.start):
-                return ("taken_over_dead", f"pid {row.pid} is not running (or is another process now)")
-            age = now - row.renewed_mono
-            if age > row.ttl_s:
-                return ("taken_over_expired", f"no renewal for {age:.1f}s (monotonic), ttl {row.ttl_s:g}s")
-            if age >= -1.0:
-                return None
-            # a reading from the future cannot come from this boot's clock: fall back to watching
-        key = row.observed_key
-        if self._observed is None or self._observed[0] != key:
-            self._observed = (key, now)
-            return None
-        unchanged = now - self._observed[1]
-        if unchanged > row.ttl_s:
-            return ("taken_over_expired", f"row unchanged for {unchanged:.1f}s (observed), ttl {row.ttl_s:g}s")
-        return None
-
-    def _take(self, conn, row: LeaseRow | None, event: str, detail: str | None) -> int:
-        me, wall, mono, ttl = self.me, self.clock.wall(), self.clock.monotonic(), self.timing.ttl_s
-        holder = (me.host, me.boot, me.pidns, me.pid, me.start, me.nonce)
-        times = (ttl, wall, wall, wall + ttl, mono)
-        if row is None:
-            fence = 1
-            conn.execute(
-                "INSERT INTO leases (name, holder_host, holder_boot, holder_pidns, holder_pid, holder_start,"
-                " holder_nonce, fence, ttl_s, acquired_at, renewed_at, expires_at, renewed_mono, renewals,"
-                " transitions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 1)",
-                (self.name, *holder, fence, *times),
-            )
-        else:
-            fence = row.fence + 1
-            conn.execute(
-                "UPDATE leases SET holder_host = ?, holder_boot = ?, holder_pidns = ?, holder_pid = ?,"
-                " holder_start = ?, holder_nonce = ?, fence = ?, ttl_s = ?, acquired_at = ?, renewed_at = ?,"
-                " expires_at = ?, renewed_mono = ?, renewals = 0, transitions = transitions + 1"
-                " WHERE name = ?",
-                (*holder, fence, *times, self.name),
-            )
-            if row.held and event != "acquired":
-                detail = f"from {row.holder_label} (fence {row.fence}): {detail}"
-        add_event(conn, self.name, event, fence, me.label, wall, detail)
-        return fence
-
     # ------------------------------------------------------------ holding
 
     @property
@@ -210,11 +156,16 @@ class Lease:
         return self._fence is not None and not self.lost.is_set()
 
     def check(self) -> None:
-        """Raise LeaseLost once the loss is noticed (workers call it between steps)."""
+        """Raise LeaseLost once the loss is noticed, or when the lease is not held (workers call
+        it between steps)."""
         if self.lost.is_set():
             raise LeaseLost(f"lease {self.name!r} was lost (fence {self._fence}): another process holds it now")
         if self._fence is None:
             raise LeaseLost(f"lease {self.name!r} is not held by this process")
+
+    def wait_lost(self, timeout: float | None = None) -> bool:
+        """Block until the loss is noticed (True) or `timeout` passes (False)."""
+        return self.lost.wait(timeout)
 
     def renew(self) -> bool:
         """Renew once on our own connection. False (and `lost` set) when the row is not ours."""
@@ -224,17 +175,9 @@ class Lease:
         fence = self._fence
         if fence is None or self.lost.is_set():
             return False
-        with self._own_transaction(conn):
-            row = conn.execute(
-                "SELECT holder_nonce, fence FROM leases WHERE name = ?", (self.name,)
-            ).fetchone()
-            if row is not None and row["holder_nonce"] == self.me.nonce and row["fence"] == fence:
-                wall = self.clock.wall()
-                conn.execute(
-                    "UPDATE leases SET renewed_at = ?, expires_at = ?, renewed_mono = ?, renewals = renewals + 1"
-                    " WHERE name = ?",
-                    (wall, wall + self.timing.ttl_s, self.clock.monotonic(), self.name),
-                )
+        with transaction(conn):
+            if still_ours(conn, self.name, self.me.nonce, fence):
+                write_renewal(conn, self.name, self.timing.ttl_s, self.clock.wall(), self.clock.monotonic())
                 return True
             self._record_lost(conn, fence, "renewal found the row changed")
         self._set_lost("renewal found the row changed")
@@ -284,14 +227,13 @@ class Lease:
         self.check()
         fence = self._fence
         refused = False
-        with self._own_transaction(conn):
-            row = conn.execute("SELECT holder_nonce, fence FROM leases WHERE name = ?", (self.name,)).fetchone()
-            if row is None or row["holder_nonce"] != self.me.nonce or row["fence"] != fence:
-                refused = True
-            else:
+        with transaction(conn):
+            if still_ours(conn, self.name, self.me.nonce, fence):
                 yield conn
+            else:
+                refused = True
         if refused:  # the transaction was empty; record the loss in one of its own
-            with self._own_transaction(conn):
+            with transaction(conn):
                 self._record_lost(conn, fence, "a fenced write was refused")
             self._set_lost("a fenced write was refused")
             raise LeaseLost(f"lease {self.name!r} is held by another process now (our fence {fence}): write refused")
@@ -308,7 +250,7 @@ class Lease:
             why += f"; now {now.holder_label or 'free'} (fence {now.fence})" if now else "; row gone"
         except CorruptLease:
             why += "; row is corrupt"
-        add_event(conn, self.name, "lost", fence, self.me.label, self.clock.wall(), why)
+        add_event(conn, self.name, LeaseEvent.LOST, fence, self.me.label, self.clock.wall(), why)
 
     def _set_lost(self, why: str) -> None:
         if not self.lost.is_set():
@@ -320,13 +262,9 @@ class Lease:
     def release(self) -> None:
         """Clear the holder so the next contender takes over at once. Idempotent; never raises.
 
-        Safe from a signal handler: if the signal interrupted one of our own transactions on this
-        thread, the release runs as soon as that transaction ends (doing it now would wait on our
-        own write lock)."""
-        if getattr(self._local, "depth", 0) > 0:
-            self._release_pending = True
-            return
-        self._release_pending = False
+        Call it on the way out, not from a signal handler: a handler that interrupted a write
+        transaction on this thread would wait on that transaction's own lock (it gives up after
+        ~2 s and leaves the row to the dead-holder rule)."""
         fence, self._fence = self._fence, None
         self._stop_heartbeat()
         if fence is None:
@@ -335,14 +273,9 @@ class Lease:
             conn = connect(self.db_path, busy_timeout_ms=RELEASE_BUSY_MS)
             try:
                 with transaction(conn, attempts=RELEASE_ATTEMPTS):
-                    cleared = conn.execute(
-                        "UPDATE leases SET holder_host = NULL, holder_boot = NULL, holder_pidns = NULL,"
-                        " holder_pid = NULL, holder_start = NULL, holder_nonce = NULL"
-                        " WHERE name = ? AND holder_nonce = ? AND fence = ?",
-                        (self.name, self.me.nonce, fence),
-                    ).rowcount
+                    cleared = clear_holder(conn, self.name, self.me.nonce, fence)
                     if cleared:
-                        add_event(conn, self.name, "released", fence, self.me.label, self.clock.wall())
+                        add_event(conn, self.name, LeaseEvent.RELEASED, fence, self.me.label, self.clock.wall())
             finally:
                 conn.close()
             if cleared:
@@ -376,15 +309,3 @@ class Lease:
         if self._conn is None:
             self._conn = open_db(self.db_path)
         return self._conn
-
-    @contextmanager
-    def _own_transaction(self, conn):
-        """store.transaction, counting depth so a signal-driven release() can tell it must wait."""
-        self._local.depth = getattr(self._local, "depth", 0) + 1
-        try:
-            with transaction(conn):
-                yield conn
-        finally:
-            self._local.depth -= 1
-            if self._local.depth == 0 and self._release_pending:
-                self.release()

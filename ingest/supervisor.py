@@ -1,7 +1,7 @@
 """The project-local supervisord, seen from ingest: where its config is, and what state each
 program is in (read over its unix socket with XML-RPC, as supervisorctl does).
 
-`supervisor_states()` is what `ingest status` hands to `ingest.health.assess`:
+`supervisor_states()` is what `ingest status` hands to `ingest.health.assess_health`:
 program name -> {state, pid, start, uptime_s, exitstatus, spawnerr, description, ...},
 or None when supervisord is not running (no config, no socket, nobody listening).
 """
@@ -16,20 +16,11 @@ from pathlib import Path
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from .errors import IngestError
+from .errors import EXIT_MEANINGS, IngestError
 
 CONFIG_ENV = "INGEST_SUPERVISOR_CONF"
 CONFIG_RELATIVE = Path("supervisor.d") / "supervisord.conf"
 RPC_TIMEOUT_S = 5.0
-
-# What a worker's exit status means (ingest/errors.py), for `ingest status`
-EXIT_MEANINGS = {
-    0: "stopped cleanly",
-    1: "failed",
-    3: "configuration error",
-    4: "database error",
-    5: "lost its lease",
-}
 
 
 class SupervisorError(IngestError):

@@ -1,28 +1,33 @@
 """Checks and verdicts: the records every health check returns and how they fold into one verdict.
 
-A check is a function `Context -> Check`: a verdict ('ok' | 'warn' | 'fail'), a one-line summary,
-the next step an operator should take, and the figures behind it. `run_checks` runs some (one
-that raises a database error becomes a 'fail', never a traceback) and `combine` folds them into
-an `Assessment`: 'down' on any fail, 'degraded' on any warn, else 'healthy'. The checks
+A check is a function `Context -> Check`: a `CheckVerdict`, a one-line summary, the next step an
+operator should take, and the figures behind it. `run_checks` runs some (one that raises a
+database error becomes a 'fail', never a traceback) and `combine` folds them into a
+`HealthReport`: 'down' on any fail, 'degraded' on any warn, else 'healthy'. The checks
 themselves are in ingest/health.py (what `ingest status` runs) and ingest/diagnostics.py.
 """
 
 import json
 import sqlite3
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
 
 from .clock import SYSTEM_CLOCK
+from .errors import EXIT_BY_VERDICT
 from .lease_table import lease_rows
 from .leases import LeaseTiming
 
 WORKERS = ("backfill", "upsert")
-VERDICT_ORDER = {"ok": 0, "warn": 1, "fail": 2}
+
+CheckVerdict = Literal["ok", "warn", "fail"]                 # one check, mildest first
+HealthVerdict = Literal["healthy", "degraded", "down"]       # the whole system, from the worst check
+VERDICT_ORDER: dict[str, int] = {v: i for i, v in enumerate(get_args(CheckVerdict))}
 
 
 @dataclass
 class Check:
     name: str
-    verdict: str  # 'ok' | 'warn' | 'fail'
+    verdict: CheckVerdict
     summary: str
     next_step: str = ""
     data: dict = field(default_factory=dict)
@@ -32,8 +37,10 @@ class Check:
 
 
 @dataclass
-class Assessment:
-    verdict: str  # 'healthy' | 'degraded' | 'down'
+class HealthReport:
+    """The verdict of a set of checks, the problems worst first, and every check."""
+
+    verdict: HealthVerdict
     problems: list[str]
     checks: list[Check]
 
@@ -44,15 +51,15 @@ class Assessment:
     @property
     def exit_code(self) -> int:
         """0 healthy, 1 degraded, 2 down: what status commands exit with."""
-        return {"healthy": 0, "degraded": 1, "down": 2}[self.verdict]
+        return EXIT_BY_VERDICT[self.verdict]
 
 
-def combine(checks: list[Check]) -> Assessment:
+def combine(checks: list[Check]) -> HealthReport:
     """The overall verdict: down on any fail, degraded on any warn. Problems list the worst first."""
     worst = max((VERDICT_ORDER[c.verdict] for c in checks), default=0)
-    verdict = ("healthy", "degraded", "down")[worst]
+    verdict = get_args(HealthVerdict)[worst]
     bad = sorted((c for c in checks if c.verdict != "ok"), key=lambda c: -VERDICT_ORDER[c.verdict])
-    return Assessment(verdict, [f"{c.name}: {c.summary}" for c in bad], checks)
+    return HealthReport(verdict, [f"{c.name}: {c.summary}" for c in bad], checks)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from ingest.deals import compress_product
 from ingest.diagnostics import (Environment, check_cursor, check_disk, check_integrity, check_sqlite_version,
                                 check_token_trend, diagnose_stall)
 from ingest.funnel import BadDuration, deal_stats, parse_duration, rejections
-from ingest.health import make_context
+from ingest.verdicts import make_context
 from ingest.keepatime import unix_seconds_to_keepa_minutes
 from ingest.store import open_db
 

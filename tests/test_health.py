@@ -2,15 +2,18 @@
 
 import json
 import os
+from typing import get_args
 
 import pytest
 
 from ingest.clock import FakeClock
-from ingest.health import (RESTART_LOOP_ACQUISITIONS, Check, assess, check_database, check_heartbeats,
-                           check_last_fetch, check_leases, check_progress, check_rate_limits, check_restarts, check_supervisor,
-                           check_tokens, combine, make_context)
+from ingest.errors import EXIT_BY_VERDICT
+from ingest.health import (RESTART_LOOP_ACQUISITIONS, assess_health, check_database, check_heartbeats, check_last_fetch,
+                           check_leases, check_progress, check_rate_limits, check_restarts, check_supervisor,
+                           check_tokens)
 from ingest.procinfo import Identity
 from ingest.store import open_db
+from ingest.verdicts import Check, HealthVerdict, combine, make_context
 
 NOW = 1_750_000_000.0
 MONO = 50_000.0
@@ -108,7 +111,7 @@ def run(check, conn, supervisor=RUNNING, **kw):
 
 def test_healthy_state_is_healthy_with_exit_code_0(conn):
     healthy_state(conn)
-    result = assess(conn, now=NOW, supervisor=RUNNING, clock=clock())
+    result = assess_health(conn, now=NOW, supervisor=RUNNING, clock=clock())
     assert (result.verdict, result.problems, result.exit_code) == ("healthy", [], 0)
     payload = result.to_json()
     assert payload["verdict"] == "healthy" and payload["problems"] == []
@@ -119,7 +122,7 @@ def test_healthy_state_is_healthy_with_exit_code_0(conn):
 
 
 def test_fresh_database_is_down(conn):
-    result = assess(conn, now=NOW, supervisor=None, clock=clock())
+    result = assess_health(conn, now=NOW, supervisor=None, clock=clock())
     assert result.verdict == "down" and result.exit_code == 2
     assert any(p.startswith("leases: backfill lease never taken") for p in result.problems)
 
@@ -132,9 +135,13 @@ def test_any_warn_is_degraded_and_fails_are_listed_first():
     assert combine(checks[:1]).verdict == "healthy"
 
 
+def test_every_verdict_has_its_documented_exit_code():
+    assert EXIT_BY_VERDICT == dict(zip(get_args(HealthVerdict), (0, 1, 2)))
+
+
 def test_unreachable_supervisor_degrades_but_does_not_fail(conn):
     healthy_state(conn)
-    result = assess(conn, now=NOW, supervisor=None, clock=clock())
+    result = assess_health(conn, now=NOW, supervisor=None, clock=clock())
     assert result.verdict == "degraded"
     assert result.problems == ["supervisor: supervisord is not reachable: process states unknown"]
 
@@ -354,6 +361,6 @@ def test_assess_down_when_a_worker_is_stopped_even_if_the_other_runs(conn):
     healthy_state(conn)
     put_lease(conn, "backfill", how="free")
     supervisor = {**RUNNING, "backfill": {"state": "STOPPED", "pid": 0}}
-    result = assess(conn, now=NOW, supervisor=supervisor, clock=clock())
+    result = assess_health(conn, now=NOW, supervisor=supervisor, clock=clock())
     assert result.verdict == "down"
     assert [p.split(":")[0] for p in result.problems] == ["supervisor", "leases"]

@@ -4,7 +4,6 @@ timing validation, wall-clock steps; and the `ingest leases` commands."""
 import dataclasses
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -17,8 +16,9 @@ from click.testing import CliRunner
 from ingest.cli import main
 from ingest.clock import SYSTEM_CLOCK, FakeClock
 from ingest.errors import EXIT_DATABASE, ConfigError, StoreError
-from ingest.lease_table import CorruptLease
-from ingest.leases import Lease, LeaseLost, LeaseTiming, lease_rows
+from ingest.lease_rules import LeaseEvent
+from ingest.lease_table import CorruptLease, add_event, lease_rows
+from ingest.leases import Lease, LeaseLost, LeaseTiming
 from ingest.procinfo import UNKNOWN_BOOT, Identity, is_alive, start_time
 from ingest.store import open_db, transaction
 
@@ -293,41 +293,6 @@ def test_release_is_idempotent_and_never_clears_a_new_holder(db_path, clock, con
         a.fence
 
 
-def test_release_from_a_signal_inside_a_fenced_write_waits_for_it(db_path, clock, conn):
-    a = lease(db_path, clock)
-    assert a.try_acquire()
-    previous = signal.signal(signal.SIGUSR1, lambda *_: a.release())
-    try:
-        with a.fenced(conn) as c:
-            os.kill(os.getpid(), signal.SIGUSR1)   # handler runs here, mid-transaction
-            time.sleep(0.01)
-            c.execute("INSERT INTO work (fence) VALUES (1)")
-            assert row(c)["holder_nonce"] == a.me.nonce
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-    assert conn.execute("SELECT count(*) FROM work").fetchone()[0] == 1
-    assert row(conn)["holder_nonce"] is None and event_names(conn) == ["acquired", "released"]
-
-
-def test_release_from_a_signal_during_acquire_wins(db_path, clock, conn, monkeypatch):
-    a = lease(db_path, clock)
-    take = a._take
-
-    def take_then_signal(*args):
-        fence = take(*args)
-        os.kill(os.getpid(), signal.SIGUSR1)  # SIGTERM-like handler runs mid-acquire
-        time.sleep(0.01)
-        return fence
-
-    monkeypatch.setattr(a, "_take", take_then_signal)
-    previous = signal.signal(signal.SIGUSR1, lambda *_: a.release())
-    try:
-        assert a.try_acquire() is False
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-    assert row(conn)["holder_nonce"] is None and event_names(conn) == ["acquired", "released"]
-
-
 def test_context_manager_acquires_heartbeats_and_releases(db_path, conn):
     fast = LeaseTiming(ttl_s=0.4, renew_s=0.1, retry_s=0.05)
     with Lease(db_path, "job", fast) as a:
@@ -396,6 +361,15 @@ def test_corrupt_row_is_refused_with_one_line_and_left_alone(db_path, clock, con
         assert result.returncode == EXIT_DATABASE
         assert result.stderr.count("\n") == 1 and message in result.stderr and "corrupt" in result.stderr
     assert ([tuple(row(conn))], event_names(conn)) == before
+
+
+def test_the_schema_accepts_exactly_the_lease_event_names(conn):
+    with transaction(conn):
+        for event in LeaseEvent:
+            add_event(conn, "job", event, 1, None, 0.0)
+    assert event_names(conn) == [e.value for e in LeaseEvent]
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        conn.execute("INSERT INTO lease_events (name, at, event, fence) VALUES ('job', 0, 'stolen', 1)")
 
 
 # ---------------------------------------------------------------- procinfo

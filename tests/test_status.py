@@ -16,8 +16,9 @@ from click.testing import CliRunner
 
 from ingest.cli import main
 from ingest.cli import status as status_module
-from ingest.health import Assessment, Check
-from ingest.supervisor import find_config, last_error_line, probe, server_url, supervisor_states
+from ingest.errors import EXIT_CONFIG, EXIT_LEASE_LOST, EXIT_MEANINGS
+from ingest.supervisor import describe_exit, find_config, last_error_line, probe, server_url, supervisor_states
+from ingest.verdicts import Check, HealthReport
 
 from .conftest import INGEST
 
@@ -171,7 +172,7 @@ def test_exit_code_follows_the_verdict(monkeypatch, tmp_path, verdict, code):
     check = Check("progress", {"healthy": "ok", "degraded": "warn", "down": "fail"}[verdict],
                   "backfill holds its lease but committed nothing for 12m", "ingest diagnose stall")
     problems = [] if verdict == "healthy" else [f"progress: {check.summary}"]
-    monkeypatch.setattr(status_module, "assess", lambda conn, **kw: Assessment(verdict, problems, [check]))
+    monkeypatch.setattr(status_module, "assess_health", lambda conn, **kw: HealthReport(verdict, problems, [check]))
     monkeypatch.setenv("INGEST_SUPERVISOR_CONF", str(tmp_path / "none.conf"))
     runner = CliRunner()
 
@@ -185,3 +186,10 @@ def test_exit_code_follows_the_verdict(monkeypatch, tmp_path, verdict, code):
     state = json.loads(as_json.output)
     assert state["verdict"] == verdict and state["problems"] == problems
     assert set(state) >= {"supervisor", "leases", "tokens", "deals", "progress", "checks"}
+
+
+def test_an_exited_worker_shows_what_its_exit_status_means():
+    assert describe_exit(EXIT_LEASE_LOST) == "exit 5: lost its lease"
+    assert describe_exit(EXIT_CONFIG) == "exit 3: configuration error"
+    assert describe_exit(77) == "exit 77" and describe_exit(None) == ""
+    assert sorted(EXIT_MEANINGS) == [0, 1, 2, 3, 4, 5]

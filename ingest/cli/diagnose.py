@@ -7,7 +7,8 @@ import click
 from . import echo_json
 from .deals import deals_group
 from ..errors import StoreError
-from ..health import Assessment, Check, combine
+from ..supervisor import supervisor_states
+from ..verdicts import Check, HealthReport, combine
 
 VERDICT_LABEL = {"ok": "OK  ", "warn": "WARN", "fail": "FAIL"}
 
@@ -53,15 +54,7 @@ def diagnose_asin(app, asin, fetch, as_json):
 # ------------------------------------------------------------------ stall
 
 
-def _supervisor(conf):
-    try:
-        from ..supervisor import supervisor_states
-    except ImportError:  # supervisor support not installed
-        return None
-    return supervisor_states(conf)
-
-
-def _unusable_database(app, error: StoreError) -> Assessment:
+def _unusable_database(app, error: StoreError) -> HealthReport:
     """The database cannot be opened: say so as a failed check, with the checks that need no database."""
     from ..diagnostics import Environment, check_disk, check_sqlite_version
 
@@ -71,7 +64,7 @@ def _unusable_database(app, error: StoreError) -> Assessment:
                     check_sqlite_version(env), check_disk(env)])
 
 
-def print_assessment(result: Assessment) -> None:
+def print_report(result: HealthReport) -> None:
     width = max((len(c.name) for c in result.checks), default=8)
     for check in result.checks:
         click.echo(f"{VERDICT_LABEL[check.verdict]}  {check.name:<{width}}  {check.summary}")
@@ -98,12 +91,12 @@ def diagnose_stall(app, stall_minutes, supervisor_conf, as_json):
     except StoreError as e:
         result = _unusable_database(app, e)
     else:
-        result = run(conn, app.db_path, supervisor=_supervisor(supervisor_conf), stall_minutes=stall_minutes,
+        result = run(conn, app.db_path, supervisor=supervisor_states(supervisor_conf), stall_minutes=stall_minutes,
                      config=app.config)
     if as_json:
         echo_json(result.to_json())
     else:
-        print_assessment(result)
+        print_report(result)
     raise SystemExit(result.exit_code)
 
 

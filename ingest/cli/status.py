@@ -8,16 +8,12 @@ from datetime import datetime
 
 import click
 
+from ..errors import EXIT_BY_VERDICT
+from ..health import assess_health
 from ..supervisor import SupervisorView, describe_exit, probe
 from . import echo_table
 from .leases import _duration
 
-try:
-    from ..health import assess
-except ImportError:  # pragma: no cover - only while ingest.health is missing
-    assess = None
-
-EXIT_BY_VERDICT = {"healthy": 0, "degraded": 1, "down": 2}
 MARKS = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
 
 
@@ -41,21 +37,6 @@ def _tokens(conn, now: float) -> list[dict]:
     return out
 
 
-def _fallback_assessment(view: SupervisorView, leases: list[dict]) -> dict:
-    """Used only when ingest.health is not installed: supervisor states and leases."""
-    problems = []
-    if not view.running:
-        problems.append(f"supervisor: {view.error}")
-    for name in ("backfill", "upsert"):
-        state = view.programs.get(name, {}).get("state", "absent") if view.running else None
-        if state is not None and state != "RUNNING":
-            problems.append(f"supervisor: {name} {state}")
-        if not any(r["name"] == name and r["state"] == "held" for r in leases):
-            problems.append(f"leases: {name} lease not held")
-    verdict = "down" if problems else "healthy"
-    return {"verdict": verdict, "problems": problems, "checks": []}
-
-
 def gather(app, *, stall_minutes: float, supervisor_conf: str | None, now: float | None = None) -> dict:
     """Everything the screen and --json show, as plain data."""
     from ..deals import deal_counts, progress_rows
@@ -66,11 +47,8 @@ def gather(app, *, stall_minutes: float, supervisor_conf: str | None, now: float
     conn = app.db()
     leases = lease_rows(conn, now)
     programs = view.programs if view.running else None
-    if assess is not None:
-        assessment = assess(conn, now=now, supervisor=programs, stall_minutes=stall_minutes,
-                            config=app.config).to_json()
-    else:
-        assessment = _fallback_assessment(view, leases)
+    assessment = assess_health(conn, now=now, supervisor=programs, stall_minutes=stall_minutes,
+                               config=app.config).to_json()
     other = _other_programs(view)
     if other:
         assessment["problems"].append(other)
@@ -185,7 +163,7 @@ def _show_problems(state: dict) -> None:
         if c.get("next_step"):
             click.echo(f"        -> {c['next_step']}")
         shown.add(f"{c['name']}: {c['summary']}")
-    for problem in state["problems"]:  # problems without a check (the fallback, other programs)
+    for problem in state["problems"]:  # problems without a check (other programs)
         if problem not in shown:
             click.echo(f"  -     {problem}")
     click.echo()

@@ -27,7 +27,7 @@ from .. import deals as store_deals
 from ..analytics import AnalyticsParams, evaluate_deal
 from ..calllog import spend_by_worker
 from ..clock import SYSTEM_CLOCK
-from ..errors import EXIT_CONFIG, EXIT_DATABASE, EXIT_LEASE_LOST, EXIT_OK, ConfigError, IngestError
+from ..errors import EXIT_MEANINGS, EXIT_OK, ConfigError, IngestError
 from ..keepa import MalformedResponse, TransientError
 from ..leases import Lease, LeaseLost, LeaseTiming
 from ..metered import Stopped, keepa_settings, open_keepa
@@ -39,7 +39,6 @@ log = logging.getLogger("ingest.worker")
 PAGE_SIZE = 150  # deals per /deal page (Keepa): a shorter page is the last one
 
 # how the log line of a fatal error starts (ingest status shows the worker's last error line)
-_EXIT_WORDS = {EXIT_CONFIG: "configuration error", EXIT_DATABASE: "database error", EXIT_LEASE_LOST: "lease lost"}
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,7 @@ class Worker:
         except Stopped:
             # the stop event is also set when the lease is lost: that is not a clean stop, and
             # supervisord must restart the worker (exit 5), not leave it EXITED (exit 0)
-            if self.lease is not None and self.lease.lost.is_set():
+            if self.lease is not None and self.lease.wait_lost(0):
                 return self._failed(LeaseLost(f"lease {self.name!r} lost while waiting"))
             return self._stopped()
         except IngestError as e:
@@ -180,7 +179,7 @@ class Worker:
         """A fatal error: one log line, the state, and the error's own exit code (Keepa's
         400/402/405 are configuration errors: retrying cannot help)."""
         code = error.exit_code
-        log.error("%s: %s", _EXIT_WORDS.get(code, "error"), error)
+        log.error("%s: %s", EXIT_MEANINGS.get(code, "error"), error)
         self._set_state("lost" if isinstance(error, LeaseLost) else "error", last_error=str(error))
         return code
 
@@ -210,7 +209,7 @@ class Worker:
         return EXIT_OK
 
     def _stop_on_loss(self):
-        self.lease.lost.wait()
+        self.lease.wait_lost()
         self.stop.set()
 
     def _install_signal_handlers(self):
