@@ -16,7 +16,7 @@ workers/base.py, JanitorSettings in workers/janitor.py); the small ones live her
 import difflib
 import math
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -55,11 +55,6 @@ def setting(default, doc: str = "", *, kind=None, min=None, max=None, above=None
 
 def rules(cls) -> dict[str, Rule]:
     return {f.name: f.metadata["rule"] for f in fields(cls) if "rule" in f.metadata}
-
-
-def default_of(cls, name: str):
-    f = next(f for f in fields(cls) if f.name == name)
-    return f.default_factory() if f.default is MISSING else f.default
 
 
 # ------------------------------------------------------------------ checking one value

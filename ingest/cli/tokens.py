@@ -1,7 +1,6 @@
 """`ingest tokens`: the shared token ledger (balance, rate, cap, reservations, spend, 429s),
 `ingest tokens history` (the call log) and `ingest tokens sync` (one free /token call)."""
 
-import os
 import time
 from datetime import datetime, timezone
 
@@ -11,6 +10,7 @@ from .. import calllog
 from ..keepa import KeepaError
 from ..ledger import Ledger
 from ..metered import open_keepa
+from ..settings import with_environment
 from ..token_costs import learned
 from ..token_model import Account, LedgerPolicy, account_id, open_reservations
 
@@ -27,7 +27,7 @@ def _relative(t: float | None, now: float) -> str:
 
 
 def _configured_account(config: dict) -> str | None:
-    key = os.environ.get("KEEPA_API_KEY") or (config.get("keepa") or {}).get("api_key")
+    key = (with_environment(config)[0].get("keepa") or {}).get("api_key")
     return account_id(str(key)) if key else None
 
 
