@@ -215,10 +215,17 @@ def _sections() -> dict[str, type]:
     from .workers.janitor import JanitorSettings
     from .workers.upsert import UpsertSettings
 
-    return {
-        "store": StoreSettings, "keepa": KeepaSettings, "leases": LeaseTiming, "ledger": LedgerPolicy,
-        "worker": WorkerSettings, "backfill": BackfillSettings, "upsert": UpsertSettings,
-        "janitor": JanitorSettings, "analytics": AnalyticsParams, "health": HealthSettings,
+    return {  # one section per line
+        "store": StoreSettings,
+        "keepa": KeepaSettings,
+        "leases": LeaseTiming,
+        "ledger": LedgerPolicy,
+        "worker": WorkerSettings,
+        "backfill": BackfillSettings,
+        "upsert": UpsertSettings,
+        "janitor": JanitorSettings,
+        "analytics": AnalyticsParams,
+        "health": HealthSettings,
     }
 
 

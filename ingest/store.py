@@ -232,7 +232,8 @@ def transaction(
 # Migrations are the files ingest/schema/vNNN_<name>.sql, applied in order. The schema version
 # is PRAGMA user_version: migration N leaves it at N, in the same transaction as its DDL, so a
 # crash mid-migration leaves the previous version intact. A file whose version is newer than the
-# newest migration we know was written by a newer ingest: we refuse to touch it.
+# newest migration we know was written by a newer ingest: we refuse to touch it. Versions only
+# need to increase (a number may be skipped); a new migration is always numbered above the newest.
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -245,13 +246,14 @@ def migrations() -> list[tuple[int, str, str]]:
             found.append((version, name[5:-4], entry.read_text()))
     found.sort()
     versions = [v for v, _, _ in found]
-    if versions != list(range(1, len(versions) + 1)):
-        raise StoreError(f"schema migrations are not numbered 1..N: {versions}")
+    if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
+        raise StoreError(f"schema migrations must have distinct versions from 1 up: {versions}")
     return found
 
 
 def latest_version() -> int:
-    return len(migrations())
+    known = migrations()
+    return known[-1][0] if known else 0
 
 
 def schema_version(conn: sqlite3.Connection) -> int:
@@ -279,9 +281,10 @@ def migrate(conn: sqlite3.Connection) -> list[int]:
         current = schema_version(conn)
     except sqlite3.Error as e:
         raise StoreError(f"cannot read the schema version: {e}") from None
-    if current > len(known):
+    newest = known[-1][0] if known else 0
+    if current > newest:
         raise StoreError(
-            f"database schema is version {current}, newer than this ingest knows ({len(known)}): upgrade ingest"
+            f"database schema is version {current}, newer than this ingest knows ({newest}): upgrade ingest"
         )
     for version, name, sql in known:
         try:

@@ -16,7 +16,19 @@ from ..logs import redact
 from ..settings import Settings, load_settings
 from ..store import open_db, resolve_db_path
 
-COMMAND_MODULES = ["config", "db", "leases", "tokens", "sim", "analyze", "run", "deals", "status", "diagnose", "sql"]
+COMMAND_MODULES = [  # one module per line
+    "config",
+    "db",
+    "leases",
+    "tokens",
+    "sim",
+    "analyze",
+    "run",
+    "deals",
+    "status",
+    "diagnose",
+    "sql",
+]
 
 UNCHECKED_COMMANDS = {"config", None}  # `config check` reports the problems itself
 
