@@ -130,6 +130,44 @@ def test_the_scrape_counts_no_call_log_rows(db_path):
     assert scans == [] and aggregates >= 5
 
 
+def test_deal_counts_follow_inserts_status_changes_and_deletes(db_path):
+    conn = open_db(db_path)
+
+    def add(asin, status):
+        conn.execute("INSERT INTO deals (asin, status, reason, first_seen, last_seen, source, fence, writer)"
+                     " VALUES (?, ?, 'r', 1, 1, 'backfill', 1, 'backfill')", (asin, status))
+    for i in range(5):
+        add(f"A{i}", "incomplete")
+    add("B0", "accepted")
+    conn.execute("UPDATE deals SET status = 'rejected' WHERE asin IN ('A0', 'A1')")
+    conn.execute("UPDATE deals SET status = 'incomplete', last_seen = 2 WHERE asin = 'A2'")  # unchanged status
+    conn.execute("DELETE FROM deals WHERE asin IN ('A3', 'B0')")
+    parsed = samples(scrape_text(db_path))
+    shown = {lab["status"]: v for lab, v in parsed["ingest_deals"]}
+    counted = dict(conn.execute("SELECT status, count(*) FROM deals GROUP BY 1").fetchall())
+    assert shown == {"accepted": 0, "rejected": 2, "incomplete": 2} == {"accepted": 0, **counted}
+
+
+def test_the_totals_are_seeded_from_the_rows_there_at_upgrade(db_path):
+    from ingest.store import migrate
+    conn = open_db(db_path)
+    conn.executescript("""  -- back to the file of a v005 ingest
+        DROP TRIGGER keepa_calls_count; DROP TRIGGER decisions_count; DROP TRIGGER deals_count_insert;
+        DROP TRIGGER deals_count_delete; DROP TRIGGER deals_count_status;
+        DROP TABLE keepa_call_totals; DROP TABLE decision_totals; DROP TABLE deal_status_counts;
+        PRAGMA user_version = 5;""")
+    CallRecord(at=time.time(), worker="upsert", endpoint="deal", http_status=200, actual=5).insert(conn, "acct")
+    conn.execute("INSERT INTO deals (asin, status, reason, first_seen, last_seen, source, fence, writer)"
+                 " VALUES ('A', 'accepted', 'ok', 1, 1, 'upsert', 1, 'upsert')")
+    conn.execute("INSERT INTO decisions (at, worker, asin, outcome, reason, fence) VALUES (1, 'upsert', 'A', 'accepted', 'ok', 1)")
+    migrate(conn)
+    parsed = samples(scrape_text(db_path))
+    assert value(parsed, "ingest_keepa_requests_total", endpoint="deal", code="200") == 1
+    assert value(parsed, "ingest_keepa_tokens_spent_total", worker="upsert") == 5
+    assert value(parsed, "ingest_decisions_total", outcome="accepted", reason="ok") == 1
+    assert value(parsed, "ingest_deals", status="accepted") == 1
+
+
 def test_other_features_tables_are_read_when_they_exist(db_path):
     conn = open_db(db_path)
     parsed = samples(scrape_text(db_path))
@@ -303,8 +341,9 @@ def running(tmp_path, db_path):
 
 def _progress_of_both(db_path: Path) -> bool:
     from .workers_support import scalar
-    return (scalar(db_path, "SELECT count(*) FROM worker_progress WHERE last_commit_at IS NOT NULL"
-                            " AND last_success_at IS NOT NULL") or 0) >= 2
+    return ((scalar(db_path, "SELECT count(*) FROM worker_progress WHERE last_commit_at IS NOT NULL"
+                             " AND last_success_at IS NOT NULL") or 0) >= 2
+            and (scalar(db_path, "SELECT count(*) FROM decisions") or 0) > 0)
 
 
 @pytest.mark.slow
@@ -342,6 +381,12 @@ def test_the_balance_agrees_with_the_simulators(running):
     server = sim.stats()["tokens"]["tokensLeft"]
     assert abs(value(parsed, "ingest_tokens_balance") - server) <= 5, (parsed["ingest_tokens_balance"], server)
     assert value(parsed, "ingest_tokens_reserved") == 0
+    # the maintained counts are those of the tables the workers wrote
+    from .workers_support import query
+    counted = dict(query(procs[2].args[2], "SELECT status, count(*) FROM deals GROUP BY 1"))
+    assert {lab["status"]: v for lab, v in parsed["ingest_deals"] if v} == counted
+    spent = dict(query(procs[2].args[2], "SELECT worker, sum(actual) FROM keepa_calls GROUP BY 1"))
+    assert {lab["worker"]: v for lab, v in parsed["ingest_keepa_tokens_spent_total"]} == spent
 
 
 # ------------------------------------------------------------------ promtool and a real Prometheus
