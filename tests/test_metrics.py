@@ -130,42 +130,20 @@ def test_the_scrape_counts_no_call_log_rows(db_path):
     assert scans == [] and aggregates >= 5
 
 
-def test_deal_counts_follow_inserts_status_changes_and_deletes(db_path):
-    conn = open_db(db_path)
-
-    def add(asin, status):
-        conn.execute("INSERT INTO deals (asin, status, reason, first_seen, last_seen, source, fence, writer)"
-                     " VALUES (?, ?, 'r', 1, 1, 'backfill', 1, 'backfill')", (asin, status))
-    for i in range(5):
-        add(f"A{i}", "incomplete")
-    add("B0", "accepted")
-    conn.execute("UPDATE deals SET status = 'rejected' WHERE asin IN ('A0', 'A1')")
-    conn.execute("UPDATE deals SET status = 'incomplete', last_seen = 2 WHERE asin = 'A2'")  # unchanged status
-    conn.execute("DELETE FROM deals WHERE asin IN ('A3', 'B0')")
-    parsed = samples(scrape_text(db_path))
-    shown = {lab["status"]: v for lab, v in parsed["ingest_deals"]}
-    counted = dict(conn.execute("SELECT status, count(*) FROM deals GROUP BY 1").fetchall())
-    assert shown == {"accepted": 0, "rejected": 2, "incomplete": 2} == {"accepted": 0, **counted}
-
-
 def test_the_totals_are_seeded_from_the_rows_there_at_upgrade(db_path):
     from ingest.store import migrate
     conn = open_db(db_path)
     conn.executescript("""  -- back to the file of a v005 ingest
-        DROP TRIGGER keepa_calls_count; DROP TRIGGER decisions_count; DROP TRIGGER deals_count_insert;
-        DROP TRIGGER deals_count_delete; DROP TRIGGER deals_count_status;
-        DROP TABLE keepa_call_totals; DROP TABLE decision_totals; DROP TABLE deal_status_counts;
+        DROP TRIGGER keepa_calls_count; DROP TRIGGER decisions_count;
+        DROP TABLE keepa_call_totals; DROP TABLE decision_totals;
         PRAGMA user_version = 5;""")
     CallRecord(at=time.time(), worker="upsert", endpoint="deal", http_status=200, actual=5).insert(conn, "acct")
-    conn.execute("INSERT INTO deals (asin, status, reason, first_seen, last_seen, source, fence, writer)"
-                 " VALUES ('A', 'accepted', 'ok', 1, 1, 'upsert', 1, 'upsert')")
     conn.execute("INSERT INTO decisions (at, worker, asin, outcome, reason, fence) VALUES (1, 'upsert', 'A', 'accepted', 'ok', 1)")
     migrate(conn)
     parsed = samples(scrape_text(db_path))
     assert value(parsed, "ingest_keepa_requests_total", endpoint="deal", code="200") == 1
     assert value(parsed, "ingest_keepa_tokens_spent_total", worker="upsert") == 5
     assert value(parsed, "ingest_decisions_total", outcome="accepted", reason="ok") == 1
-    assert value(parsed, "ingest_deals", status="accepted") == 1
 
 
 def test_other_features_tables_are_read_when_they_exist(db_path):
