@@ -432,3 +432,52 @@ def test_a_real_prometheus_scrapes_and_stores_the_balance(running):
                 prom.wait()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ under the shipped supervisord
+
+
+def test_the_metrics_program_is_in_both_supervisord_configs():
+    import configparser
+    import glob
+
+    for conf in ("supervisord.conf", "demo.conf"):
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(ROOT / "supervisor.d" / conf)
+        patterns = parser.get("include", "files").split()
+        included = {Path(f).name for p in patterns for f in glob.glob(str(ROOT / "supervisor.d" / p))}
+        assert "metrics.conf" in included, (conf, included)
+
+
+@pytest.mark.slow
+def test_under_supervisord_the_endpoint_says_what_ingest_status_says():
+    from .supervised import SupervisedProject
+
+    sim = Simulator(SimConfig(port=0, refill_rate=6000, products=3000, seed=3)).start()
+    project = SupervisedProject(sim.url)
+    try:
+        done = project.script("start", check=False, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        project.wait_running("backfill", "upsert", "metrics")
+        log = project.root / "var" / "log" / "metrics.log"
+        url = project.wait(lambda: log.exists() and "serving " in (t := log.read_text()) and
+                           t.split("serving ")[1].split()[0], 20, "the metrics program to log its address")
+
+        def healthy_in_both():
+            status = json.loads(project.script("status", "--json", check=False).stdout)
+            parsed = samples(_get(url)[1])
+            return (status, parsed) if status["verdict"] == "healthy" and value(
+                parsed, "ingest_health_verdict") == 0 else None
+        status, parsed = project.wait(healthy_in_both, 60, "status and metrics both healthy", interval=0.5)
+        assert {lab["check"]: v for lab, v in parsed["ingest_health_check"]} == {c["name"]: 0 for c in status["checks"]}
+        assert value(parsed, "ingest_health_check", check="supervisor") == 0   # it found supervisord itself
+        assert "e2e-key" not in _get(url)[1]
+
+        project.ctl("stop", "upsert")   # a worker down: both say down
+        def down_in_both():
+            status = json.loads(project.script("status", "--json", check=False).stdout)
+            return status["verdict"] == "down" and value(samples(_get(url)[1]), "ingest_health_verdict") == 2
+        project.wait(down_in_both, 30, "status and metrics both down", interval=0.5)
+    finally:
+        project.close()
+        sim.stop()
