@@ -18,6 +18,7 @@ then their families have no samples. prometheus_client is imported only where fa
 built: `ingest.settings` imports this module (for MetricsSettings) in every command.
 """
 
+import logging
 import os
 import shutil
 import sqlite3
@@ -30,9 +31,12 @@ from .errors import ConfigError, StoreError
 from .health import assess_health, with_other_programs
 from .lease_rules import LeaseState
 from .lease_table import CorruptLease, lease_rows
+from .logs import redact
 from .settings import setting
 from .token_model import Account
 from .verdicts import VERDICT_ORDER
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:9464"   # 9464: the port commonly used by exporters of this kind
 BUSY_TIMEOUT_S = 2.0
@@ -124,6 +128,7 @@ class Snapshot:
     alerts_sent: dict[tuple[str, str], int] | None = None                # (channel, result) -> count
     last_backup_at: float | None = None            # 0.0: the table exists, no good backup yet
     read_seconds: float = 0.0
+    problem: str | None = None                     # why the database could not be read (logged, not exported)
 
 
 # ------------------------------------------------------------------ reading
@@ -234,9 +239,10 @@ def read_snapshot(conn, path: Path, now: float, *, supervisor: dict | None, stal
     return replace(snap, read_seconds=time.perf_counter() - t0)
 
 
-def unreadable_snapshot(path: Path, now: float) -> Snapshot:
+def unreadable_snapshot(path: Path, now: float, problem: str) -> Snapshot:
     """No database (not created yet) or one that cannot be read: down, the database check failing."""
-    return Snapshot(at=now, verdict="down", checks={"database": "fail"}, files=file_figures(path))
+    return Snapshot(at=now, verdict="down", checks={"database": "fail"}, files=file_figures(path),
+                    problem=redact(problem))
 
 
 def snapshot(path: Path, now: float | None = None, *, supervisor: dict | None, stall_minutes: float = 10.0,
@@ -246,12 +252,12 @@ def snapshot(path: Path, now: float | None = None, *, supervisor: dict | None, s
     now = time.time() if now is None else now
     try:
         conn = connect_read_only(path)
-    except StoreError:
-        return unreadable_snapshot(path, now)
+    except StoreError as e:
+        return unreadable_snapshot(path, now, str(e))
     try:
         return read_snapshot(conn, path, now, supervisor=supervisor, stall_minutes=stall_minutes, config=config)
-    except sqlite3.Error:
-        return unreadable_snapshot(path, now)
+    except sqlite3.Error as e:
+        return unreadable_snapshot(path, now, f"database {path}: {e}")
     finally:
         conn.close()
 
@@ -391,13 +397,25 @@ class IngestCollector:
         self.stall_minutes = stall_minutes
         self.config = config
         self.clock = clock
+        self._problem: str | None = None
 
     def snapshot(self) -> Snapshot:
         from .supervisor import probe
 
         view = probe(self.supervisor_conf)
-        return snapshot(self.db_path, self.clock(), supervisor=view.programs if view.running else None,
+        snap = snapshot(self.db_path, self.clock(), supervisor=view.programs if view.running else None,
                         stall_minutes=self.stall_minutes, config=self.config)
+        self._log_change(snap.problem)
+        return snap
+
+    def _log_change(self, problem: str | None) -> None:
+        """One line when the database becomes unreadable (and why), one when it is readable again."""
+        if problem != self._problem:
+            if problem:
+                log.warning("scrapes say down: %s", problem)
+            else:
+                log.info("database %s readable again", self.db_path)
+            self._problem = problem
 
     def collect(self):
         yield from families(self.snapshot())

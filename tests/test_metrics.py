@@ -83,6 +83,20 @@ def test_a_missing_database_is_down_and_is_not_created(tmp_path):
     assert not path.exists() and not Path(f"{path}-wal").exists()
 
 
+def test_a_file_that_is_not_sqlite_is_down_with_one_line_in_the_log(tmp_path, caplog):
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"not a database at all" * 100)
+    collector = IngestCollector(path, supervisor_conf="/nonexistent/supervisord.conf")
+    parsed = samples(exposition(collector).decode())
+    assert value(parsed, "ingest_health_verdict") == 2
+    assert [r.getMessage() for r in caplog.records if r.name == "ingest.metrics"] == [
+        f"scrapes say down: database {path}: file is not a database"]
+    exposition(collector)   # the same problem again: not logged again
+    assert len([r for r in caplog.records if r.name == "ingest.metrics"]) == 1
+    done = subprocess.run([INGEST, "--db", str(path), "metrics", "print"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "ingest_health_verdict 2.0" in done.stdout
+
+
 def test_counters_come_from_running_totals_and_never_go_back(db_path):
     conn = open_db(db_path)
     now = time.time()

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import click
 
 from ..errors import EXIT_FAILURE, EXIT_OK, IngestError
+from ..logs import setup_logging
 from ..metrics import IngestCollector, exposition, parse_listen, registry_for, write_textfile
 
 METRICS_PATH = "/metrics"
@@ -95,15 +96,15 @@ def serve(app, listen, supervisor_conf):
     except IngestError as e:
         raise click.BadParameter(str(e), param_hint="--listen") from None
     server = make_server(host, port, _collector(app, supervisor_conf))
+    log = setup_logging("metrics")
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    click.echo(f"ingest metrics: serving http://{shown}:{bound_port}{METRICS_PATH} (database {app.db_path})",
-               err=True)
+    log.info("serving http://%s:%s%s (database %s)", shown, bound_port, METRICS_PATH, app.db_path)
     _stop_on_sigterm()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        click.echo("ingest metrics: stopped", err=True)
+        log.info("stopped")
     finally:
         server.server_close()
     sys.exit(EXIT_OK)
