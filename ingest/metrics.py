@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
+from .deals import deal_counts
 from .errors import ConfigError, StoreError
 from .health import assess_health, with_other_programs
 from .lease_rules import LeaseState
@@ -44,7 +45,6 @@ BUSY_TIMEOUT_S = 2.0
 WORKER_STATES = ("starting", "waiting_lease", "working", "waiting_tokens", "idle", "backoff", "stopped", "lost",
                  "error")
 HEALTH_VERDICTS = ("healthy", "degraded", "down")   # ingest_health_verdict: the index (0, 1, 2)
-DEAL_STATUSES = ("accepted", "rejected", "incomplete")
 
 
 # ------------------------------------------------------------------ settings
@@ -200,6 +200,57 @@ def grouped(conn, sql: str, *args) -> dict:
     return out
 
 
+TOTALS = "keepa_call_totals"   # v008's tables; an older file is refused by check_database
+
+
+def request_counts(conn, tables: set[str]) -> dict[tuple[str, str], int]:
+    if TOTALS not in tables:
+        return {}
+    return grouped(conn, "SELECT endpoint, code, sum(calls) FROM keepa_call_totals GROUP BY 1, 2")
+
+
+def tokens_spent_by_worker(conn, tables: set[str]) -> dict[str, int]:
+    if TOTALS not in tables:
+        return {}
+    return grouped(conn, "SELECT worker, sum(tokens) FROM keepa_call_totals GROUP BY 1")
+
+
+def rate_limited_total(conn, tables: set[str]) -> int:
+    if TOTALS not in tables:
+        return 0
+    return conn.execute("SELECT coalesce(sum(calls), 0) FROM keepa_call_totals WHERE code = '429'").fetchone()[0]
+
+
+def decision_counts(conn, tables: set[str]) -> dict[tuple[str, str], int]:
+    if TOTALS not in tables:
+        return {}
+    return grouped(conn, "SELECT outcome, reason, decisions FROM decision_totals")
+
+
+def incomplete_backlog(conn, now: float) -> int:
+    """Incomplete deals due for a refetch (the deals_retry index: only the due ones are read)."""
+    return conn.execute("SELECT count(*) FROM deals WHERE status = 'incomplete' AND next_retry_at <= ?",
+                        (now,)).fetchone()[0]
+
+
+def watchdog_action_counts(conn, tables: set[str]) -> dict[str, int] | None:
+    if "watch_actions" not in tables:
+        return None
+    return grouped(conn, "SELECT action, count(*) FROM watch_actions GROUP BY 1")
+
+
+def alert_counts(conn, tables: set[str]) -> dict[tuple[str, str], int] | None:
+    if "alerts" not in tables:
+        return None
+    return grouped(conn, "SELECT channel, result, count(*) FROM alerts GROUP BY 1, 2")
+
+
+def last_backup_at(conn, tables: set[str]) -> float | None:
+    if "backups" not in tables:
+        return None
+    return conn.execute("SELECT coalesce(max(at), 0.0) FROM backups WHERE ok = 1").fetchone()[0]
+
+
 def read_snapshot(conn, path: Path, now: float, *, supervisor: dict | None, stall_minutes: float = 10.0,
                   config: dict | None = None) -> Snapshot:
     """Every figure, in one read transaction (one moment of the database)."""
@@ -209,30 +260,22 @@ def read_snapshot(conn, path: Path, now: float, *, supervisor: dict | None, stal
         report = with_other_programs(assess_health(conn, now=now, supervisor=supervisor, stall_minutes=stall_minutes,
                                                    config=config), supervisor)
         tables = _tables(conn)
-        totals = "keepa_call_totals" in tables   # v008; an older file is refused by check_database
         snap = Snapshot(
             at=now, verdict=report.verdict, checks={c.name: c.verdict for c in report.checks},
             files=file_figures(path),
             tokens=token_figures(conn, now),
-            requests=grouped(conn, "SELECT endpoint, code, sum(calls) FROM keepa_call_totals GROUP BY 1, 2")
-            if totals else {},
-            tokens_spent=grouped(conn, "SELECT worker, sum(tokens) FROM keepa_call_totals GROUP BY 1") if totals else {},
-            rate_limited=conn.execute("SELECT coalesce(sum(calls), 0) FROM keepa_call_totals WHERE code = '429'")
-            .fetchone()[0] if totals else 0,
+            requests=request_counts(conn, tables),
+            tokens_spent=tokens_spent_by_worker(conn, tables),
+            rate_limited=rate_limited_total(conn, tables),
             leases=lease_figures(conn, now),
             workers=worker_figures(conn),
-            # the covering index deals_status: ~7 ms per 100k deals, and no trigger on the write path
-            deals={**dict.fromkeys(DEAL_STATUSES, 0), **grouped(conn, "SELECT status, count(*) FROM deals GROUP BY 1")},
-            decisions=grouped(conn, "SELECT outcome, reason, decisions FROM decision_totals") if totals else {},
-            # deals_retry index (status, next_retry_at): counts only the due ones
-            incomplete_backlog=conn.execute("SELECT count(*) FROM deals WHERE status = 'incomplete'"
-                                            " AND next_retry_at <= ?", (now,)).fetchone()[0],
-            watchdog_actions=grouped(conn, "SELECT action, count(*) FROM watch_actions GROUP BY 1")
-            if "watch_actions" in tables else None,
-            alerts_sent=grouped(conn, "SELECT channel, result, count(*) FROM alerts GROUP BY 1, 2")
-            if "alerts" in tables else None,
-            last_backup_at=conn.execute("SELECT coalesce(max(at), 0.0) FROM backups WHERE ok = 1").fetchone()[0]
-            if "backups" in tables else None,
+            # on the covering index deals_status (~4-7 ms per 100k deals): no trigger on the write path
+            deals=deal_counts(conn),
+            decisions=decision_counts(conn, tables),
+            incomplete_backlog=incomplete_backlog(conn, now),
+            watchdog_actions=watchdog_action_counts(conn, tables),
+            alerts_sent=alert_counts(conn, tables),
+            last_backup_at=last_backup_at(conn, tables),
         )
     finally:
         conn.execute("COMMIT")
