@@ -14,6 +14,9 @@ setup(
         "supervisor>=4.2",
         # CLI tables (sqlite-utils depends on it too; imported directly, so declared)
         "tabulate>=0.9",
+        # Prometheus text format, /metrics HTTP server and collector API (ingest metrics);
+        # the Prometheus project's own client, so the exposition is exactly what it parses
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": [

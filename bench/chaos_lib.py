@@ -58,7 +58,7 @@ class ChaosSettings:
     def toml(self) -> str:
         return (f"[leases]\nttl_s = {self.ttl_s}\nrenew_s = {self.renew_s}\nretry_s = {self.retry_s}\n"
                 f"[keepa]\nread_timeout_s = {self.read_timeout_s}\nconnect_timeout_s = 2.0\n"
-                "[backfill]\npass_pause_s = 2.0\n")
+                "[backfill]\npass_pause_s = 2.0\n[metrics]\nlisten = \"127.0.0.1:0\"\n")
 
 
 @dataclass

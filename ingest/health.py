@@ -315,3 +315,22 @@ def assess_health(conn, *, now: float | None = None, supervisor: dict[str, dict]
     ctx = make_context(conn, now=now, supervisor=supervisor, stall_minutes=stall_minutes, config=config,
                        workers=workers, clock=clock)
     return combine(run_checks(ctx, CORE_CHECKS))
+
+
+def other_programs_problem(supervisor: dict[str, dict] | None) -> str | None:
+    """Programs besides the workers (the metrics endpoint, the demo's simulator) that are not running."""
+    if not supervisor:
+        return None
+    bad = [f"{name} {p['state']}" for name, p in sorted(supervisor.items())
+           if name not in WORKERS and p["state"] != "RUNNING"]
+    return "supervisor: " + ", ".join(bad) + " (not a worker)" if bad else None
+
+
+def with_other_programs(report: HealthReport, supervisor: dict[str, dict] | None) -> HealthReport:
+    """The verdict `ingest status` gives: a program besides the workers that is not running
+    makes a healthy report degraded (it is listed among the problems)."""
+    problem = other_programs_problem(supervisor)
+    if problem is None:
+        return report
+    verdict = "degraded" if report.verdict == "healthy" else report.verdict
+    return HealthReport(verdict, [*report.problems, problem], report.checks)

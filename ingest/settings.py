@@ -209,6 +209,7 @@ def _sections() -> dict[str, type]:
     """Section name -> its dataclass (imported here, late, to keep imports one-way)."""
     from .analytics import AnalyticsParams
     from .leases import LeaseTiming
+    from .metrics import MetricsSettings
     from .token_model import LedgerPolicy
     from .workers.backfill import BackfillSettings
     from .workers.base import WorkerSettings
@@ -226,6 +227,7 @@ def _sections() -> dict[str, type]:
         "janitor": JanitorSettings,
         "analytics": AnalyticsParams,
         "health": HealthSettings,
+        "metrics": MetricsSettings,
     }
 
 

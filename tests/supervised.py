@@ -25,8 +25,9 @@ CONF = "supervisor.d/supervisord.conf"
 
 # ttl >= 2 x renew >= 4 x retry (ingest.leases.LeaseTiming); backfill starts its next pass at once
 # (a pass over the simulator takes ~100 s), so there is always work to commit
+# the metrics endpoint on any free port: tests run beside each other and beside a real one
 TEST_TOML = ("[leases]\nttl_s = 4.0\nrenew_s = 1.0\nretry_s = 0.25\n\n"
-               "[backfill]\npass_pause_s = 1\n")
+               "[backfill]\npass_pause_s = 1\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n")
 TTL_S = 4.0
 
 

@@ -28,6 +28,7 @@ COMMAND_MODULES = [  # one module per line
     "status",
     "diagnose",
     "sql",
+    "metrics",
 ]
 
 UNCHECKED_COMMANDS = {"config", None}  # `config check` reports the problems itself

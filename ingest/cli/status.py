@@ -9,8 +9,8 @@ from datetime import datetime
 import click
 
 from ..errors import EXIT_BY_VERDICT
-from ..health import assess_health
-from ..supervisor import SupervisorView, describe_exit, probe
+from ..health import assess_health, with_other_programs
+from ..supervisor import describe_exit, probe
 from . import echo_table
 from .leases import _duration
 
@@ -47,13 +47,8 @@ def gather(app, *, stall_minutes: float, supervisor_conf: str | None, now: float
     conn = app.db()
     leases = lease_rows(conn, now)
     programs = view.programs if view.running else None
-    assessment = assess_health(conn, now=now, supervisor=programs, stall_minutes=stall_minutes,
-                               config=app.config).to_json()
-    other = _other_programs(view)
-    if other:
-        assessment["problems"].append(other)
-        if assessment["verdict"] == "healthy":
-            assessment["verdict"] = "degraded"
+    report = assess_health(conn, now=now, supervisor=programs, stall_minutes=stall_minutes, config=app.config)
+    assessment = with_other_programs(report, programs).to_json()
     return {
         "verdict": assessment["verdict"],
         "problems": assessment["problems"],
@@ -69,15 +64,6 @@ def gather(app, *, stall_minutes: float, supervisor_conf: str | None, now: float
         "progress": progress_rows(conn),
         "checks": assessment["checks"],
     }
-
-
-def _other_programs(view: SupervisorView) -> str | None:
-    """Programs besides the workers (the demo's simulator) that are not running."""
-    if not view.running:
-        return None
-    bad = [f"{name} {p['state']}" for name, p in sorted(view.programs.items())
-           if name not in ("backfill", "upsert") and p["state"] != "RUNNING"]
-    return "supervisor: " + ", ".join(bad) + " (not a worker)" if bad else None
 
 
 # ---------------------------------------------------------------- the screen
