@@ -332,10 +332,11 @@ def update_progress(conn, worker: str, now: float, *, counters: dict[str, int] |
 
 
 def progress_rows(conn) -> list[dict]:
-    """Each worker's progress row; `tokens_spent` is read from the ledger's call log (the one
-    record of spending, failed calls that were charged included), not the row's own column."""
+    """Each worker's progress row; `tokens_spent` is read from the call log's running totals
+    (keepa_call_totals, kept by triggers: the one record of spending, failed calls that were
+    charged included), not the row's own column, and without scanning the call log."""
     rows = conn.execute(
-        "SELECT p.*, (SELECT coalesce(sum(c.actual), 0) FROM keepa_calls c WHERE c.worker = p.worker)"
+        "SELECT p.*, (SELECT coalesce(sum(k.tokens), 0) FROM keepa_call_totals k WHERE k.worker = p.worker)"
         " AS calls_tokens FROM worker_progress p ORDER BY p.worker"
     )
     out = []

@@ -15,7 +15,7 @@ from ingest import diagnostics
 from ingest.analytics import AnalyticsParams
 from ingest.asin_report import UnknownAsin, explain_stored, render
 from ingest.cli import main
-from ingest.deals import compress_product
+from ingest.deals import compress_product, progress_rows
 from ingest.diagnostics import (Environment, check_cursor, check_disk, check_integrity, check_sqlite_version,
                                 check_token_trend, diagnose_stall)
 from ingest.funnel import BadDuration, deal_stats, parse_duration, rejections
@@ -386,3 +386,16 @@ def test_views_answer_from_constructed_rows(db_path):
     assert mark["pending"] == 2 and 600 <= mark["watermark_lag_s"] <= 680
     for view in ("deal_freshness", "worker_activity"):
         c.execute(f"SELECT * FROM {view}").fetchall()
+
+
+def test_worker_activity_counts_tokens_from_the_call_log(db_path):
+    """Workers no longer count tokens in worker_progress: the view reads the call log's totals."""
+    c = open_db(db_path)
+    c.execute("INSERT INTO worker_progress (worker, state, updated_at) VALUES ('backfill', 'working', ?)",
+              (time.time(),))
+    for actual in (5, 7, None):
+        put_call(c, age=10, actual=actual)
+    put_call(c, age=10, actual=100, worker="upsert")
+    row = dict(c.execute("SELECT * FROM worker_activity WHERE worker = 'backfill'").fetchone())
+    assert row["tokens_spent"] == 12
+    assert [p["tokens_spent"] for p in progress_rows(c)] == [12]
