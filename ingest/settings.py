@@ -208,7 +208,9 @@ class QuerySetting:
 def _sections() -> dict[str, type]:
     """Section name -> its dataclass (imported here, late, to keep imports one-way)."""
     from .analytics import AnalyticsParams
+    from .backup import BackupSettings
     from .leases import LeaseTiming
+    from .retention import RetentionSettings
     from .token_model import LedgerPolicy
     from .workers.backfill import BackfillSettings
     from .workers.base import WorkerSettings
@@ -226,6 +228,8 @@ def _sections() -> dict[str, type]:
         "janitor": JanitorSettings,
         "analytics": AnalyticsParams,
         "health": HealthSettings,
+        "backup": BackupSettings,
+        "retention": RetentionSettings,
     }
 
 
