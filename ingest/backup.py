@@ -175,9 +175,9 @@ def _remove(path: Path) -> None:
 
 def _snapshot(source: sqlite3.Connection, final: Path, expected_version: int | None) -> int:
     """Copy, check, fsync and rename into `final`; returns the copy's schema version."""
-    final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
+        final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _create_private(tmp)
         _copy(source, tmp)
         version = check_copy(tmp, expected_version)
