@@ -17,7 +17,26 @@ from ingest.simulator import SimConfig, Simulator
 from .conftest import INGEST
 from .workers_support import query, scalar, start_worker, stop, wait_for, worker_env, write_config
 
-pytestmark = pytest.mark.slow
+
+
+def test_a_log_line_that_cannot_be_written_on_a_full_disk_is_dropped_without_a_traceback(capsys):
+    import errno
+    import logging
+
+    from ingest.logs import LineHandler
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    logger = logging.getLogger("test.fulldisk")
+    logger.propagate = False
+    logger.handlers[:] = [LineHandler(FullDisk())]
+    logger.error("this line cannot be written")
+    assert capsys.readouterr().err == ""
 
 
 def _mount(path, size: str) -> subprocess.CompletedProcess:
@@ -61,6 +80,7 @@ def _status(env) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_reported_waited_out_and_loses_nothing(sim, small_fs, tmp_path):
     mount_point, grow = small_fs
     db_path = mount_point / "ingest.db"
