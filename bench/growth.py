@@ -85,6 +85,22 @@ class Simulation:
         self.backoff = WorkerSettings().retry_backoff
         self.retention = RetentionSettings()
         self.evaluations = 0
+        self.prune_holds: list[float] = []  # seconds each retention delete transaction took
+
+    def timed_commit(self):
+        """retention's Commit, timing each of its write transactions."""
+        from contextlib import contextmanager
+
+        base = unfenced(self.conn)
+
+        @contextmanager
+        def commit(what, source):
+            began = time.perf_counter()
+            with base(what, source) as pair:
+                yield pair
+            self.prune_holds.append(time.perf_counter() - began)
+
+        return commit
 
     def outcome(self, asin: str) -> deals.Outcome:
         return renamed(self.templates[int(asin[1:]) % len(self.templates)], asin)
@@ -145,7 +161,7 @@ class Simulation:
                 self.day_turns()
             if self.now >= next_prune:
                 next_prune += 3600
-                prune(self.conn, unfenced(self.conn), self.now, self.retention, call_log_days=30.0)
+                prune(self.conn, self.timed_commit(), self.now, self.retention, call_log_days=30.0)
                 self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def measure(self, db: Path) -> dict:
@@ -202,6 +218,18 @@ def main() -> None:
         full_sizes[day] = full
         print(f"{day:>4} {size_text(res['bytes']):>18} {rows.get('decisions', 0):>10,} {rows.get('deals', 0):>7,} |"
               f" {size_text(int(full)):>22} {size_text(int(kept_all)):>23}")
+    holds = sorted(sim.prune_holds)
+    if holds:
+        pick = lambda p: holds[min(len(holds) - 1, round(p / 100 * len(holds)))] * 1000  # noqa: E731
+        oldest = sim.conn.execute("SELECT min(at) FROM decisions WHERE at >= ?", (sim.now - 7 * DAY,)).fetchone()[0]
+        day_rows = sim.conn.execute("SELECT count(*) FROM decisions WHERE at < ?", (oldest + DAY,)).fetchone()[0]
+        began = time.perf_counter()
+        with transaction(sim.conn):
+            sim.conn.execute("DELETE FROM decisions WHERE at < ?", (oldest + DAY,))
+        one = (time.perf_counter() - began) * 1000
+        print(f"retention write transactions ({sim.retention.batch_rows} rows at most): {len(holds)}, p50 {pick(50):.1f} ms,"
+              f" p99 {pick(99):.1f} ms, max {holds[-1] * 1000:.1f} ms; baseline: one DELETE of a day's decisions"
+              f" ({day_rows:,} rows at this scale, {day_rows / scale:,.0f} at full rate) holds the lock {one:.0f} ms")
     if 7 in results and 30 in results:
         measured = results[30]["bytes"] / results[7]["bytes"]
         projected = full_sizes[30] / full_sizes[7]
