@@ -31,8 +31,9 @@ from .store import disk_full, database_file, is_disk_full, transaction
 log = logging.getLogger("ingest.retention")
 
 DAY_S = 86400.0
-# lease_events rows younger than this (by SQLite's own clock) cannot be deleted (v009 trigger)
-LEASE_EVENTS_FLOOR_SQL = "at < (julianday('now') - 2440587.5) * 86400.0 - 86400.0"
+# lease_events rows younger than a day by SQLite's own clock cannot be deleted (v009 trigger):
+# never select them, whatever the worker's clock says (`d` is the table in batch_sql)
+LEASE_EVENTS_FLOOR_SQL = "d.at < (julianday('now') - 2440587.5) * 86400.0 - 86400.0"
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class RetentionSettings:
 @dataclass(frozen=True)
 class Target:
     """One table pruned by age: rows with `column` < now - days go, except (keep_latest_by) the
-    newest row of each value of that column, and rows failing `floor_sql`."""
+    newest row of each value of that column, and rows failing `floor_sql` (SQL on alias `d`)."""
 
     table: str
     column: str
@@ -83,12 +84,12 @@ def targets(settings: RetentionSettings, call_log_days: float, existing: set[str
 
 def batch_sql(t: Target) -> str:
     """The ids of the next batch of expired rows after `:after` (oldest first)."""
-    where = [f"d.id > :after", f"d.{t.column} < :cutoff"]
+    where = ["d.id > :after", f"d.{t.column} < :cutoff"]
     if t.keep_latest_by:
         k = t.keep_latest_by
         where.append(f"EXISTS (SELECT 1 FROM {t.table} n WHERE n.{k} = d.{k} AND n.id > d.id)")
     if t.floor_sql:
-        where.append(t.floor_sql.replace("at <", "d.at <", 1))
+        where.append(t.floor_sql)
     return f"SELECT d.id FROM {t.table} d WHERE {' AND '.join(where)} ORDER BY d.id LIMIT :limit"
 
 

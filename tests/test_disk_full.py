@@ -123,3 +123,20 @@ def test_a_full_disk_is_reported_waited_out_and_loses_nothing(sim, small_fs, tmp
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     finally:
         conn.close()
+
+
+def test_status_names_the_full_disk_while_a_worker_waits_for_space(db_path):
+    from ingest import deals
+    from ingest.health import assess_health
+    from ingest.store import open_db, transaction
+
+    conn = open_db(db_path)
+    report = assess_health(conn, supervisor=None)
+    assert next(c for c in report.checks if c.name == "space").verdict == "ok"
+    with transaction(conn):
+        deals.update_progress(conn, "backfill", time.time(), state="disk_full", last_error="disk full: ...")
+    report = assess_health(conn, supervisor=None)
+    assert report.verdict == "down"
+    space = next(c for c in report.checks if c.name == "space")
+    assert space.summary.startswith(f"disk full ({db_path}, ") and "backfill waiting for space" in space.summary
+    assert "grow it" in space.next_step
