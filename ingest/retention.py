@@ -45,7 +45,8 @@ class RetentionSettings:
     fenced_commits_days: float = setting(7.0, "keep the fenced-commit log this many days", min=1, max=3650)
     history_days: float = setting(90.0, "keep backup records (and alert history) this many days", min=1, max=3650)
     every_s: float = setting(3600.0, "prune this often (the upsert worker's maintenance step)", min=10, max=7 * 86400)
-    batch_rows: int = setting(2000, "rows deleted per write transaction", min=10, max=100_000)
+    batch_rows: int = setting(500, "rows deleted per write transaction (~3 ms of write lock each)", min=10,
+                              max=100_000)
     vacuum_pages: int = setting(2000, "pages returned to the disk per incremental_vacuum step", min=16,
                                 max=1_000_000)
 
