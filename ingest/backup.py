@@ -55,6 +55,10 @@ class BackupError(IngestError):
     """A backup or restore that could not be made; nothing was replaced."""
 
 
+class InUse(BackupError):
+    """Refused: a live process holds a lease on the database."""
+
+
 @dataclass(frozen=True)
 class BackupResult:
     path: Path
@@ -283,7 +287,7 @@ def live_holders(conn: sqlite3.Connection, now: float | None = None) -> list[str
 def refuse_if_in_use(conn: sqlite3.Connection, what: str, hint: str) -> None:
     holders = live_holders(conn)
     if holders:
-        raise BackupError(f"{what} refused: {'; '.join(holders)}; stop the workers first (scripts/stop){hint}")
+        raise InUse(f"{what} refused: {'; '.join(holders)}; stop the workers first (scripts/stop){hint}")
 
 
 # ------------------------------------------------------------------ restore
@@ -313,14 +317,8 @@ def restore(db_path: Path, source: Path, *, force: bool = False, now: float | No
     stamp = datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     kept = None
     if db_path.exists():
-        current = connect(db_path)
-        try:
-            if not force:
-                refuse_if_in_use(current, "restore", ", or --force")
-            kept = db_path.with_name(f"{db_path.name}.replaced-{stamp}")
-            _snapshot(current, kept, None if force else schema_version(current))
-        finally:
-            current.close()
+        kept = db_path.with_name(f"{db_path.name}.replaced-{stamp}")
+        _keep_current(db_path, kept, force)
     staged = db_path.with_name(f".{db_path.name}.restore-{os.getpid()}")
     src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, isolation_level=None)
     try:
@@ -335,6 +333,32 @@ def restore(db_path: Path, source: Path, *, force: bool = False, now: float | No
     os.replace(staged, db_path)
     _fsync(db_path.parent)
     return RestoreResult(db_path, source, kept, version)
+
+
+def _keep_current(db_path: Path, kept: Path, force: bool) -> None:
+    """A consistent copy of the file about to be replaced, at `kept` (refused while it is in
+    use, unless forced). A damaged file (unreadable, or its copy fails the checks: what a restore
+    is often for) is moved aside as it is, with its -wal, for a post-mortem."""
+    try:
+        current = connect(db_path)
+    except StoreError as e:
+        log.warning("the database cannot be opened (%s): moving it aside as it is", e)
+        current = None
+    if current is not None:
+        try:
+            if not force:
+                refuse_if_in_use(current, "restore", ", or --force")
+            _snapshot(current, kept, None)
+            return
+        except InUse:
+            raise
+        except (sqlite3.DatabaseError, BackupError) as e:
+            log.warning("the database is damaged (%s): moving it aside as it is", e)
+        finally:
+            current.close()
+    for suffix in ("", "-wal"):
+        if os.path.exists(f"{db_path}{suffix}"):
+            os.replace(f"{db_path}{suffix}", f"{kept}{suffix}")
 
 
 # ------------------------------------------------------------------ vacuum

@@ -263,3 +263,18 @@ def test_vacuum_converts_an_old_file_to_incremental_auto_vacuum(tmp_path):
 
 def test_new_databases_use_incremental_auto_vacuum(db_path):
     assert open_db(db_path).execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+
+
+def test_restore_over_a_damaged_database_moves_the_damaged_file_aside(db_path, tmp_path):
+    _filled(db_path, 7).close()
+    backup = take_backup(db_path, str(tmp_path / "b.db")).path
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(f"{db_path}{suffix}"):
+            os.unlink(f"{db_path}{suffix}")
+    db_path.write_bytes(b"garbage" * 5000)  # what a restore is for
+    result = _cli(db_path, "db", "restore", str(backup))
+    assert result.returncode == 0, result.stderr
+    kept = [p for p in db_path.parent.iterdir() if p.name.startswith("ingest.db.replaced-")]
+    assert len(kept) == 1 and kept[0].read_bytes() == b"garbage" * 5000
+    assert scalar(db_path, "SELECT count(*) FROM keepa_calls") == 7
+    assert _integrity(db_path) == [("ok",)]
