@@ -20,6 +20,7 @@ every row kept.
 """
 
 import argparse
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -188,6 +189,13 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="growth-"))
     db = folder / "ingest.db"
     start = time.time() - args.days * DAY  # so the simulated end is now (lease_events' trigger reads the real clock)
+    try:
+        run(args, db, start)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run(args, db: Path, start: float) -> None:
     sim = Simulation(db, args.rate, args.scale, args.listing, args.churn, args.seed, start)
     began = time.monotonic()
     results = {}
