@@ -37,3 +37,8 @@ class ConfigError(IngestError):
 
 class StoreError(IngestError):
     exit_code = EXIT_DATABASE
+
+
+class DiskFull(StoreError):
+    """A write failed because the disk (or the filesystem of the database) is full; the
+    transaction was rolled back whole. Workers wait and retry instead of exiting."""

@@ -22,7 +22,7 @@ from .clock import SYSTEM_CLOCK
 from .lease_rules import ACQUISITIONS, LeaseState
 from .lease_table import CorruptLease
 from .leases import LeaseTiming
-from .store import latest_version, schema_version
+from .store import LOW_SPACE_BYTES, database_file, free_bytes, latest_version, schema_version, size_text
 from .token_model import Account
 from .verdicts import WORKERS, Check, Context, HealthReport, ago, combine, make_context, run_checks
 
@@ -303,8 +303,45 @@ def check_supervisor(ctx: Context) -> Check:
     return Check("supervisor", "ok", ", ".join(f"{w} RUNNING" for w in ctx.workers), "", data)
 
 
+def check_space(ctx: Context) -> Check:
+    """A full disk: a worker waiting for space (state disk_full), or almost nothing free where
+    the database is. Workers roll the step back and retry; nothing is lost meanwhile."""
+    path = database_file(ctx.conn)
+    if not path:
+        return Check("space", "ok", "in-memory database", "", {})
+    free = free_bytes(path)
+    waiting = [w for w in ctx.workers if (ctx.progress(w) or {}).get("state") == "disk_full"]
+    data = {"path": path, "free_bytes": free, "waiting": waiting}
+    if waiting or (free is not None and free < LOW_SPACE_BYTES):
+        who = f"; {', '.join(waiting)} waiting for space" if waiting else ""
+        return Check("space", "fail", f"disk full ({path}, {size_text(free)} free){who}",
+                     "free space on that filesystem (old backups: ingest db backup --keep N; logs under var/log;"
+                     " ingest db stats shows what is big) or grow it: the workers retry every"
+                     " [worker] disk_full_retry_s and carry on by themselves", data)
+    return Check("space", "ok", f"{size_text(free)} free for {path}", "", data)
+
+
+def check_backups(ctx: Context) -> Check:
+    """The last backup's age; a warning when scheduled backups ([backup] every_h) are overdue
+    or the last attempt failed."""
+    from .backup import BackupSettings, last_backup
+
+    settings = BackupSettings.from_config(ctx.config or {})
+    good, last = last_backup(ctx.conn, ok_only=True), last_backup(ctx.conn)
+    data = {"every_h": settings.every_h, "last_at": good and good.at, "last_path": good and good.path,
+            "last_age_s": _age(ctx.now, good and good.at), "last_attempt_ok": last.ok if last else None}
+    where = f"last backup {ago(ctx.now - good.at)} ago ({good.path})" if good else "no backup yet"
+    if last is not None and not last.ok:
+        return Check("backups", "warn", f"the last backup attempt failed ({last.path}); {where}",
+                     "ingest db backup (it says why); free space or fix [backup] dir", data)
+    if settings.every_h > 0 and (good is None or ctx.now - good.at > 2 * settings.every_h * 3600):
+        return Check("backups", "warn", f"{where}: scheduled every {settings.every_h:g} h",
+                     "the upsert worker takes them: is it running? ingest db backup takes one now", data)
+    return Check("backups", "ok", where + ("" if settings.every_h else " (unscheduled: [backup] every_h)"), "", data)
+
+
 CORE_CHECKS = (check_database, check_supervisor, check_leases, check_heartbeats, check_progress,
-               check_last_fetch, check_tokens, check_rate_limits, check_restarts)
+               check_last_fetch, check_tokens, check_rate_limits, check_restarts, check_space, check_backups)
 
 
 def assess_health(conn, *, now: float | None = None, supervisor: dict[str, dict] | None = None,

@@ -4,6 +4,7 @@ The Keepa key travels in every URL; `register_secret(key)` makes every log recor
 arguments and exception text) pass through `redact()` before it is formatted.
 """
 
+import errno
 import logging
 import re
 import sys
@@ -41,9 +42,20 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class LineHandler(logging.StreamHandler):
+    """A stream handler that drops a line it cannot write because the disk is full (stderr
+    redirected to a file), instead of printing a traceback for every record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return
+        super().handleError(record)
+
+
 def setup_logging(process_name: str, level: int = logging.INFO) -> logging.Logger:
     """One line per record on stderr (supervisord captures it), secrets redacted."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s {process_name}[%(process)d] %(levelname)s %(name)s: %(message)s")
     )

@@ -208,8 +208,10 @@ class QuerySetting:
 def _sections() -> dict[str, type]:
     """Section name -> its dataclass (imported here, late, to keep imports one-way)."""
     from .analytics import AnalyticsParams
+    from .backup import BackupSettings
     from .leases import LeaseTiming
     from .metrics import MetricsSettings
+    from .retention import RetentionSettings
     from .token_model import LedgerPolicy
     from .workers.backfill import BackfillSettings
     from .workers.base import WorkerSettings
@@ -228,6 +230,8 @@ def _sections() -> dict[str, type]:
         "analytics": AnalyticsParams,
         "health": HealthSettings,
         "metrics": MetricsSettings,
+        "backup": BackupSettings,
+        "retention": RetentionSettings,
     }
 
 

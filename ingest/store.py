@@ -5,8 +5,10 @@ front, so two processes can never both read a value and then both write from it 
 "SELECT then UPDATE" pattern that over-admits; see tests/test_store.py).
 """
 
+import errno
 import os
 import random
+import shutil
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
-from .errors import StoreError
+from .errors import DiskFull, StoreError
 
 DEFAULT_DB_PATH = "var/ingest.db"
 BUSY_TIMEOUT_MS = 5_000
@@ -79,6 +81,9 @@ def connect(path: str | os.PathLike, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) 
         )
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        # a new file returns freed pages to the disk (retention prunes, then incremental_vacuum);
+        # only possible before the first table exists: `ingest db vacuum` converts an old file
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
 
         def set_journal_mode():
             return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -96,8 +101,67 @@ def connect(path: str | os.PathLike, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) 
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA synchronous = NORMAL")
     except sqlite3.Error as e:
+        if is_disk_full(e, path):
+            raise disk_full(path) from None
         raise StoreError(_describe(e, path)) from None
     return conn
+
+
+LOW_SPACE_BYTES = 1 * 2**20  # an I/O error with less than this free on the database's filesystem: full
+
+
+def is_disk_full(e: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """SQLITE_FULL, or an I/O error (ENOSPC growing the -shm or a log) while the filesystem of
+    `path` is (nearly) full."""
+    if not isinstance(e, sqlite3.Error):
+        return isinstance(e, OSError) and e.errno == errno.ENOSPC
+    code = getattr(e, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL or "database or disk is full" in str(e):
+        return True
+    if path is not None and (code is not None and code & 0xFF == sqlite3.SQLITE_IOERR or "disk I/O error" in str(e)):
+        free = free_bytes(path)
+        return free is not None and free < LOW_SPACE_BYTES
+    return False
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free bytes on the filesystem holding `path` (its folder when it does not exist yet)."""
+    path = Path(path)
+    try:
+        return shutil.disk_usage(path if path.is_dir() else path.parent).free
+    except OSError:
+        return None
+
+
+def size_text(n: int | None) -> str:
+    """'512 B', '12.0 KiB', '3.4 MiB', '1.20 GiB' ('unknown' for None)."""
+    if n is None:
+        return "unknown"
+    if n < 1024:
+        return f"{n} B"
+    if n < 2**20:
+        return f"{n / 1024:.1f} KiB"
+    if n < 2**30:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**30:.2f} GiB"
+
+
+def database_file(conn: sqlite3.Connection) -> str | None:
+    """The main database file of `conn` ('' for an in-memory database)."""
+    try:
+        for row in conn.execute("PRAGMA database_list"):
+            if row[1] == "main":
+                return row[2]
+    except sqlite3.Error:
+        return None
+    return None
+
+
+def disk_full(path: str | os.PathLike | None) -> DiskFull:
+    """The one line a full disk gives: which file, how much is free."""
+    free = free_bytes(path) if path else None
+    return DiskFull(f"disk full: cannot write {path or 'the database'} ({size_text(free)} free);"
+                    " the transaction was rolled back, nothing was stored")
 
 
 def is_busy(e: BaseException) -> bool:
@@ -200,13 +264,17 @@ class _Transaction:
         if kind is None:
             try:
                 conn.execute("COMMIT")
-            except sqlite3.Error:
+            except sqlite3.Error as e:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                if is_disk_full(e, database_file(conn)):
+                    raise disk_full(database_file(conn)) from None
                 raise
             return False
         if conn.in_transaction:
             conn.execute("ROLLBACK")
+        if issubclass(kind, sqlite3.Error) and is_disk_full(error, database_file(conn)):
+            raise disk_full(database_file(conn)) from None
         if issubclass(kind, sqlite3.OperationalError):
             # read-only file, disk full, I/O error: one clear line; the rollback lost nothing
             raise StoreError(f"write transaction failed and was rolled back: {error}") from None

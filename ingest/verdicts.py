@@ -74,6 +74,7 @@ class Context:
     workers: tuple[str, ...]
     clock: object = SYSTEM_CLOCK
     _leases: dict | None = None
+    config: dict | None = None  # the raw config, for checks with settings of their own ([backup])
 
     def leases(self) -> dict[str, dict]:
         """lease name -> row of `lease_rows` (cached: several checks read it)."""
@@ -112,7 +113,7 @@ def make_context(conn, *, now: float | None = None, supervisor: dict | None = No
                  config: dict | None = None, workers: tuple[str, ...] = WORKERS, clock=SYSTEM_CLOCK) -> Context:
     timing = LeaseTiming.from_config(config or {})
     return Context(conn, clock.wall() if now is None else now, stall_minutes * 60.0, supervisor, timing,
-                   tuple(workers), clock)
+                   tuple(workers), clock, config=config)
 
 
 def run_checks(ctx: Context, checks) -> list[Check]:

@@ -127,6 +127,12 @@ def _show_deals(deals: dict) -> None:
     click.echo(f"deals        {parts}  (total {total})")
 
 
+def _show_backups(checks: list[dict]) -> None:
+    for c in checks:
+        if c["name"] == "backups":
+            click.echo(f"backups      {c['summary']}")
+
+
 def _show_progress(progress: list[dict], now: float) -> None:
     click.echo("progress")
     if not progress:
@@ -165,6 +171,7 @@ def show(state: dict) -> None:
     _show_leases(state["leases"])
     _show_tokens(state["tokens"], now)
     _show_deals(state["deals"])
+    _show_backups(state["checks"])
     _show_progress(state["progress"], now)
 
 

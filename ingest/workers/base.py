@@ -27,7 +27,8 @@ from .. import deals as store_deals
 from ..analytics import AnalyticsParams, evaluate_deal
 from ..calllog import spend_by_worker
 from ..clock import SYSTEM_CLOCK
-from ..errors import EXIT_MEANINGS, EXIT_OK, ConfigError, IngestError
+from ..db_source import claim, source_of
+from ..errors import EXIT_MEANINGS, EXIT_OK, ConfigError, DiskFull, IngestError
 from ..keepa import MalformedResponse, TransientError
 from ..leases import Lease, LeaseLost, LeaseTiming
 from ..metered import Stopped, keepa_settings, open_keepa
@@ -54,6 +55,8 @@ class WorkerSettings:
     retry_base_s: float = setting(60.0, "first refetch of an incomplete deal after", min=0.01, max=30 * 86400)
     retry_cap_s: float = setting(6 * 3600.0, "refetch delay doubles up to this", min=0.01, max=30 * 86400)
     retry_max_attempts: int = setting(12, "an incomplete deal is refetched at most this often", min=1, max=1000)
+    disk_full_retry_s: float = setting(30.0, "on a full disk, try the rolled-back step again this often",
+                                       min=0.05, max=3600)
 
     def __post_init__(self):
         if self.backoff_s > self.backoff_max_s:
@@ -131,6 +134,7 @@ class Worker:
         self.conn = None
         self.lease: Lease | None = None
         self._failures = 0
+        self._disk_full_since: float | None = None
         self._last_progress_log = 0.0
         self._tally_started = clock.monotonic()
         self._tally_started_wall = clock.wall()
@@ -161,11 +165,12 @@ class Worker:
         self.conn = open_db(self.db_path)
         self.setup()
         if self._keepa is None:
-            keepa_settings(self.config)  # a missing key fails here, before the lease is taken
+            keepa = keepa_settings(self.config)  # a missing key fails here, before the lease is taken
+            claim(self.conn, source_of(keepa), self.db_path, self.clock.wall())  # one database, one source
         self.lease = Lease(self.db_path, self.name, self.lease_timing, clock=self.clock)
         self._note_waiting_for_lease()
         log.info("waiting for lease %r", self.name)
-        if not self.lease.acquire(stop=self.stop):
+        if not self._acquire():
             return EXIT_OK  # stopped while waiting: the progress row is the holder's, not ours
         self.lease.start_heartbeat()
         threading.Thread(target=self._stop_on_loss, daemon=True, name="lease-watch").start()
@@ -174,6 +179,16 @@ class Worker:
         if self._keepa is None:
             self._keepa = open_keepa(self.db_path, self.config, worker=self.name, stop=self.stop)
         return self._loop()
+
+    def _acquire(self) -> bool:
+        """Wait for the lease; on a full disk wait for space too (never exit into a restart loop)."""
+        while True:
+            try:
+                return self.lease.acquire(stop=self.stop)
+            except DiskFull as e:
+                self._wait_for_space(e)
+                if self.stop.is_set():
+                    return False
 
     def _failed(self, error: IngestError) -> int:
         """A fatal error: one log line, the state, and the error's own exit code (Keepa's
@@ -193,6 +208,10 @@ class Worker:
                 self._failures += 1
                 self._back_off(e)
                 continue
+            except DiskFull as e:  # rolled back whole: the same step runs again once there is space
+                self._wait_for_space(e)
+                continue
+            self._space_is_back()
             self._maybe_log_progress()
             if self.once and self.pass_done():
                 log.info("--once: pass complete")
@@ -229,6 +248,26 @@ class Worker:
         self._set_state("backoff", counters={"errors": 1}, last_error=str(error),
                         last_error_at=self.clock.wall())
         self.clock.sleep(delay, self.stop)
+
+    def _wait_for_space(self, error: DiskFull) -> None:
+        """One log line when the disk fills (not one per retry), the state when it can be
+        written, then a wait before the step is tried again."""
+        wait = self.settings.disk_full_retry_s
+        if self._disk_full_since is None:
+            self._disk_full_since = self.clock.monotonic()
+            log.error("%s; trying again every %g s (free space, or grow the filesystem)", error, wait)
+        try:  # may fail on the same full disk: `ingest status` measures the free space itself
+            with transaction(self.conn):
+                store_deals.update_progress(self.conn, self.name, self.clock.wall(), state="disk_full",
+                                            last_error=str(error), last_error_at=self.clock.wall())
+        except IngestError:
+            pass
+        self.clock.sleep(wait, self.stop)
+
+    def _space_is_back(self) -> None:
+        if self._disk_full_since is not None:
+            log.info("disk space is back after %.0f s: carrying on", self.clock.monotonic() - self._disk_full_since)
+            self._disk_full_since = None
 
     def _note_waiting_for_lease(self) -> None:
         """Say we are waiting, unless the row is the live holder's: a standby (another host, a

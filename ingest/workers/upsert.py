@@ -13,10 +13,12 @@ fetched for `refresh_after_s`; the janitor (janitor.py) runs here every `janitor
 import logging
 from dataclasses import dataclass, replace
 
+from .. import backup, retention
 from .. import deals as store_deals
 from ..checkpoints import UpsertWatermark, load_upsert
 from ..query import load_query, page_selection
 from ..settings import parse, section_extra, setting
+from ..token_model import LedgerPolicy
 from . import janitor
 from .base import PAGE_SIZE, Worker
 
@@ -73,6 +75,10 @@ class UpsertWorker(Worker):
         self.start_from = settings.start_from
         self.janitor = janitor.JanitorSettings.from_config(self.config)
         self._next_janitor_at = 0.0
+        self.retention = retention.RetentionSettings.from_config(self.config)
+        self.call_log_days = LedgerPolicy.from_config(self.config).call_log_days
+        self.backups = backup.BackupSettings.from_config(self.config)
+        self._next_retention_at = 0.0
         self._polls = 0
         self.checkpoint: UpsertWatermark | None = None  # as of the last step
 
@@ -102,7 +108,20 @@ class UpsertWorker(Worker):
         if now >= self._next_janitor_at:
             self._next_janitor_at = now + self.janitor.interval_s
             janitor.sweep(self.conn, self.commit, self.name, now, self.janitor)
+        self.maintenance(now)
         return self.spare_work()
+
+    def maintenance(self, now: float) -> None:
+        """Retention (small fenced deletes, then incremental_vacuum) every [retention] every_s,
+        and a backup when [backup] every_h says one is due."""
+        if now >= self._next_retention_at:
+            self._next_retention_at = now + self.retention.every_s
+            report = retention.prune(self.conn, self.commit, now, self.retention, self.call_log_days,
+                                     stop=self.stop.is_set)
+            if report.total:
+                log.info("retention: deleted %s; %d pages returned to the disk (%.1f s)",
+                         ", ".join(f"{n} {t}" for t, n in report.deleted.items()), report.pages_freed, report.seconds)
+        backup.scheduled_backup(self.db_path, self.conn, now, self.backups)
 
     def poll(self, checkpoint: UpsertWatermark) -> None:
         watermark = checkpoint.watermark

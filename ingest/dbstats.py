@@ -1,0 +1,137 @@
+"""`ingest db stats`: what the file holds and where its growth goes.
+
+Rows and bytes per table and index (SQLite's `dbstat`), the WAL, free pages inside the file,
+free disk, the growth of the last day and the days until the disk is full at that rate.
+
+Growth is net: rows added in the last day (by each table's time column) minus the rows retention
+will prune in the next day (those within a day of its cutoff) and, for deals, the janitor's
+removals of the last day, each weighed by its table's bytes per row (indexes included; a deal
+counts its stored product history too).
+"""
+
+import os
+import shutil
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .retention import DAY_S, RetentionSettings, existing_tables, targets
+
+# the column that says when a row was added
+ADDED_AT = {"decisions": "at", "keepa_calls": "at", "fenced_commits": "at", "lease_events": "at",
+            "deals": "first_seen", "backups": "at", "alerts": "at", "watch_actions": "at"}
+COUNTED_WITH = {"product_history": "deals"}  # a table whose bytes belong to another's rows
+
+
+@dataclass(frozen=True)
+class ObjectSize:
+    name: str
+    kind: str         # table | index
+    table: str        # the table an index belongs to (itself for a table)
+    rows: int | None  # tables only
+    bytes: int | None  # None without dbstat
+
+
+@dataclass(frozen=True)
+class DbStats:
+    path: str
+    page_size: int
+    file_bytes: int
+    wal_bytes: int
+    free_pages: int
+    auto_vacuum: str
+    disk_free: int | None
+    disk_total: int | None
+    objects: list[ObjectSize]
+    growth_bytes_per_day: float | None
+    growth_rows: dict[str, int] = field(default_factory=dict)
+    days_until_full: float | None = None
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["free_bytes_in_file"] = self.free_pages * self.page_size
+        return out
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def object_sizes(conn: sqlite3.Connection) -> list[ObjectSize]:
+    objects = conn.execute("SELECT name, type, tbl_name FROM sqlite_master WHERE type IN ('table', 'index')"
+                           " ORDER BY tbl_name, type DESC, name").fetchall()
+    try:
+        sizes = {r[0]: r[1] for r in conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name")}
+    except sqlite3.OperationalError:  # SQLite built without SQLITE_ENABLE_DBSTAT_VTAB
+        sizes = None
+    out = []
+    for name, kind, table in objects:
+        rows = conn.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0] if kind == "table" else None
+        out.append(ObjectSize(name, kind, table, rows, (sizes.get(name, 0) if sizes is not None else None)))
+    return out
+
+
+def bytes_per_row(objects: list[ObjectSize]) -> dict[str, float]:
+    """Table -> bytes per row, its indexes (and COUNTED_WITH tables) included."""
+    total: dict[str, int] = {}
+    rows: dict[str, int] = {}
+    for o in objects:
+        if o.bytes is None:
+            return {}
+        owner = COUNTED_WITH.get(o.table, o.table)
+        total[owner] = total.get(owner, 0) + o.bytes
+        if o.kind == "table" and o.table == owner:
+            rows[owner] = o.rows or 0
+    return {t: total[t] / rows[t] for t in total if rows.get(t)}
+
+
+def net_growth(added: dict[str, int], leaving: dict[str, int], per_row: dict[str, float]) -> float:
+    """Bytes per day: rows added minus rows leaving, weighed by bytes per row (pure)."""
+    return sum((added.get(t, 0) - leaving.get(t, 0)) * per_row.get(t, 0.0) for t in set(added) | set(leaving))
+
+
+def days_until_full(free: int | None, growth: float | None) -> float | None:
+    if free is None or growth is None or growth <= 0:
+        return None
+    return free / growth
+
+
+def _rows_between(conn, table: str, column: str, start: float, end: float) -> int:
+    return conn.execute(f"SELECT count(*) FROM {table} WHERE {column} >= ? AND {column} < ?", (start, end)).fetchone()[0]
+
+
+def growth_rows(conn: sqlite3.Connection, now: float, retention: RetentionSettings,
+                call_log_days: float) -> tuple[dict[str, int], dict[str, int]]:
+    """(rows added in the last day, rows leaving in the next day) per table."""
+    existing = existing_tables(conn)
+    added = {t: _rows_between(conn, t, c, now - DAY_S, now + DAY_S) for t, c in ADDED_AT.items() if t in existing}
+    leaving = {}
+    for t in targets(retention, call_log_days, existing):
+        cutoff = now - t.days * DAY_S
+        leaving[t.table] = _rows_between(conn, t.table, t.column, cutoff, cutoff + DAY_S)
+    if "decisions" in existing:
+        leaving["deals"] = conn.execute("SELECT count(*) FROM decisions WHERE outcome = 'removed' AND at >= ?",
+                                        (now - DAY_S,)).fetchone()[0]
+    return added, leaving
+
+
+def collect(conn: sqlite3.Connection, db_path: Path, now: float, retention: RetentionSettings,
+            call_log_days: float) -> DbStats:
+    path = str(db_path)
+    objects = object_sizes(conn)
+    try:
+        usage = shutil.disk_usage(Path(path).parent)
+        free, total = usage.free, usage.total
+    except OSError:
+        free = total = None
+    per_row = bytes_per_row(objects)
+    added, leaving = growth_rows(conn, now, retention, call_log_days)
+    growth = net_growth(added, leaving, per_row) if per_row else None
+    net = {t: added.get(t, 0) - leaving.get(t, 0) for t in sorted(set(added) | set(leaving))}
+    auto = {0: "none", 1: "full", 2: "incremental"}.get(conn.execute("PRAGMA auto_vacuum").fetchone()[0], "?")
+    return DbStats(path, conn.execute("PRAGMA page_size").fetchone()[0], _size(path), _size(path + "-wal"),
+                   conn.execute("PRAGMA freelist_count").fetchone()[0], auto, free, total, objects,
+                   growth, net, days_until_full(free, growth))
