@@ -9,7 +9,7 @@ Unscripted requests are forwarded to `upstream` (a simulator) and its answer pas
 worker sees a working Keepa between the misbehaviours; without an upstream they get a sane token
 envelope. Misbehaviours: `Redirect` (any 3xx, to any URL), `Drip` (a body fed a byte at a time),
 `Endless` (a body that never ends), `GzipBomb` (a small gzip body that decodes huge), `Stall`
-(headers, then silence), `Answer` (any status and JSON or raw text: absurd envelopes, deep JSON).
+(headers, then silence), `Mangle` (the upstream's answer with an absurd member), `Answer` (any status and JSON or raw text: absurd envelopes, deep JSON).
 
 `KeyTrap` listens on 127.0.0.2 (another loopback host) and records every request it gets: where a
 redirect would have carried the key.
@@ -66,6 +66,20 @@ class GzipBomb:
 @dataclass
 class Stall:
     seconds: float = 30.0         # headers, then nothing
+
+
+@dataclass
+class Mangle:
+    """The upstream's answer with one more member appended to its JSON object (a later duplicate
+    key wins in Python's json): `members`, raw JSON text like '"refillIn": 1e12', used in turn."""
+
+    members: list
+    used: int = 0
+
+    def next_member(self) -> str:
+        member = self.members[self.used % len(self.members)]
+        self.used += 1
+        return member
 
 
 def deep_json(levels: int) -> str:
@@ -155,6 +169,8 @@ def _handler(server: HostileServer):
             server.requests.append((endpoint, type(behaviour).__name__ if behaviour else "forwarded"))
             if behaviour is None:
                 self._forward()
+            elif isinstance(behaviour, Mangle):
+                self._forward(behaviour.next_member())
             elif isinstance(behaviour, Answer):
                 self._answer(behaviour)
             elif isinstance(behaviour, Redirect):
@@ -195,7 +211,7 @@ def _handler(server: HostileServer):
             self._head(answer.status, {"Content-Length": str(len(data))})
             self.wfile.write(data)
 
-        def _forward(self) -> None:
+        def _forward(self, member: str | None = None) -> None:
             if server.upstream is None:
                 return self._answer(Answer())
             request = urllib.request.Request(server.upstream + self.path, headers={"Accept-Encoding": "identity"})
@@ -204,6 +220,8 @@ def _handler(server: HostileServer):
                     status, data = reply.status, reply.read()
             except urllib.error.HTTPError as e:
                 status, data = e.code, e.read()
+            if member is not None:
+                data = data.rstrip()[:-1] + b", " + member.encode() + b"}"
             self._head(status, {"Content-Length": str(len(data))})
             self.wfile.write(data)
 

@@ -2,8 +2,10 @@
 (tests/hostile_server.py) on loopback: the key stays home, every response is bounded, absurd
 envelopes never reach the ledger, the database cannot vanish under a worker."""
 
+import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -11,8 +13,8 @@ from ingest.clock import FakeClock
 from ingest.keepa import Bounds, KeepaClient, MalformedResponse, RetryPolicy, TransientError
 from ingest.metered import open_keepa
 
-from .hostile_server import (REDIRECTS, Answer, Drip, Endless, GzipBomb, HostileServer, KeyTrap, Redirect,
-                             Stall, deep_json, sane_envelope)
+from .hostile_server import (REDIRECTS, Answer, Drip, Endless, GzipBomb, HostileServer, KeyTrap, Mangle, Redirect,
+                             Stall, sane_envelope)
 
 KEY = "HOSTILEKEY0123456789abcdefRECOGNISABLE"
 ONCE = RetryPolicy(attempts=1, max_total_s=5, first_delay_s=0.01, max_delay_s=0.05)
@@ -108,20 +110,21 @@ def test_the_bounds_come_from_the_keepa_settings(db_path, monkeypatch, server):
 # ------------------------------------------------------------------ 3. absurd envelopes
 
 
-ABSURD = {
-    "refillIn 10^12": '{"tokensLeft": 50, "refillIn": 1000000000000, "refillRate": 5, "products": []}',
-    "refillRate -5": '{"tokensLeft": 50, "refillIn": 1000, "refillRate": -5, "products": []}',
-    "refillRate 1e308": '{"tokensLeft": 50, "refillIn": 1000, "refillRate": 1e308, "products": []}',
-    "tokensLeft 400 digits": '{"tokensLeft": ' + "9" * 400 + ', "refillIn": 1000, "refillRate": 5, "products": []}',
-    "Infinity": '{"tokensLeft": Infinity, "refillIn": 1000, "refillRate": 5, "products": []}',
-    "NaN": '{"tokensLeft": 50, "refillIn": NaN, "refillRate": 5, "products": []}',
-    "1e999": '{"tokensLeft": 50, "refillIn": 1000, "refillRate": 1e999, "products": []}',
-    "deep 100000": deep_json(100_000),
-    "deep 500": deep_json(500),
-    "tokensConsumed -3": '{"tokensLeft": 50, "refillIn": 1000, "refillRate": 5, "tokensConsumed": -3, "products": []}',
-    "timestamp year 2058": '{"tokensLeft": 50, "refillIn": 1000, "refillRate": 5, "timestamp": 2800000000000,'
-                           ' "products": []}',
+ABSURD = {  # a member appended to a sane answer (a later duplicate key wins)
+    "refillIn 10^12": '"refillIn": 1000000000000',
+    "refillRate -5": '"refillRate": -5',
+    "refillRate 1e308": '"refillRate": 1e308',
+    "tokensLeft 400 digits": '"tokensLeft": ' + "9" * 400,
+    "tokensLeft Infinity": '"tokensLeft": Infinity',
+    "refillIn NaN": '"refillIn": NaN',
+    "refillRate 1e999": '"refillRate": 1e999',
+    "tokensConsumed -3": '"tokensConsumed": -3',
+    "tokensLeft 2.5": '"tokensLeft": 2.5',
+    "timestamp year 2058": '"timestamp": 2800000000000',
+    "deep 100000": '"x": ' + "[" * 100_000 + "]" * 100_000,
+    "deep 500": '"x": ' + "[" * 500 + "]" * 500,
 }
+SANE = '{"tokensLeft": 50, "refillIn": 1000, "refillRate": 5, "products": []'
 
 
 @pytest.mark.parametrize("name", sorted(ABSURD))
@@ -133,7 +136,7 @@ def test_an_absurd_envelope_never_reaches_the_ledger_and_spending_goes_on(db_pat
     keepa.client.retry = ONCE
     keepa.token_status()  # a sane sync: 100 tokens, refill 5/min
     before = keepa.ledger.load()
-    server.script("product", Answer(ABSURD[name]))
+    server.script("product", Answer(f"{SANE}, {ABSURD[name]}}}"))
     try:
         keepa.products(["B000000001"])
     except MalformedResponse:
@@ -150,3 +153,127 @@ def test_an_absurd_envelope_never_reaches_the_ledger_and_spending_goes_on(db_pat
     synced = keepa.ledger.load()
     assert synced.balance == pytest.approx(77, abs=1) and synced.refill_rate == 5
     keepa.close()
+
+
+# ------------------------------------------------------------------ workers against the hostile server
+
+
+@pytest.fixture
+def sim():
+    from ingest.simulator import SimConfig, Simulator
+
+    simulator = Simulator(SimConfig(port=0, refill_rate=6000, seed=7, products=300))
+    simulator.start()
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture
+def proxy(sim):
+    with HostileServer(upstream=sim.url) as s:
+        yield s
+
+
+def _env(url, tmp_path, db_path, extra=""):
+    from .workers_support import worker_env, write_config
+
+    return worker_env(url, db_path, write_config(tmp_path, extra))
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_drip_fed_response_stops_the_worker_within_5_s(proxy, tmp_path, db_path):
+    from .workers_support import scalar, start_worker, stop, wait_for
+
+    proxy.script("product", Drip(interval_s=0.5), times=None)
+    proc = start_worker("backfill", _env(proxy.url, tmp_path, db_path), log=tmp_path / "worker.log")
+    try:
+        wait_for(lambda: proxy.served("product", "Drip"), 30, what="a drip-fed /product")
+        time.sleep(1.0)  # well inside the attempt (deadline_s = 30 s)
+        started = time.monotonic()
+        assert stop(proc, timeout=10) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        stop(proc, signal.SIGKILL, timeout=5)
+    assert scalar(db_path, "SELECT holder_pid FROM leases WHERE name = 'backfill'") is None
+    assert "Traceback" not in (tmp_path / "worker.log").read_text()
+
+
+@pytest.mark.slow
+def test_absurd_envelopes_neither_crash_nor_stop_a_worker(proxy, tmp_path, db_path):
+    from .workers_support import run_worker, scalar
+
+    proxy.script("product", Mangle([ABSURD[name] for name in sorted(ABSURD)]), times=None)
+    result = run_worker("backfill", _env(proxy.url, tmp_path, db_path), "--once", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "ignored for the ledger" in result.stderr
+    assert proxy.served("product", "Mangle") >= 3  # the malformed ones were retried, the others used
+    assert scalar(db_path, "SELECT count(*) FROM deals WHERE status IN ('accepted', 'rejected')") > 0
+    next_tick, rate = query_one(db_path, "SELECT next_tick, refill_rate FROM token_accounts")
+    assert next_tick < time.time() + 120 and 0 < rate <= 100_000
+
+
+def query_one(db_path, sql):
+    from .workers_support import query
+
+    return query(db_path, sql)[0]
+
+
+# ------------------------------------------------------------------ 5. the database cannot vanish
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_database_deleted_or_replaced_under_a_worker_stops_it_with_exit_4(sim, tmp_path, db_path, how):
+    import shutil
+    import sqlite3
+
+    from .workers_support import scalar, start_worker, stop, wait_for
+
+    proc = start_worker("backfill", _env(sim.url, tmp_path, db_path), log=tmp_path / "worker.log")
+    try:
+        wait_for(lambda: scalar(db_path, "SELECT count(*) FROM deals"), 30, what="first deals")
+        if how == "replaced":  # a restore by mv: a consistent copy moved over the path
+            copy = tmp_path / "copy.db"
+            with sqlite3.connect(db_path) as src, sqlite3.connect(copy) as dst:
+                src.backup(dst)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+        if how == "replaced":
+            shutil.move(copy, db_path)
+            before = db_path.read_bytes()
+        started = time.monotonic()
+        code = proc.wait(10)
+        waited = time.monotonic() - started
+    finally:
+        stop(proc, signal.SIGKILL, timeout=5)
+    assert code == 4 and waited < 1.0 + 1.5  # renew_s = 1 in the test config
+    log_text = (tmp_path / "worker.log").read_text()
+    assert f"was {how}" in log_text and "Traceback" not in log_text
+    if how == "deleted":
+        assert sorted(p.name for p in db_path.parent.iterdir()) == []  # nothing recreated
+    else:
+        assert db_path.read_bytes() == before and not Path(f"{db_path}-wal").exists()
+
+
+@pytest.mark.parametrize("command", [["status"], ["deals"], ["leases"], ["leases", "history"], ["tokens"], ["tokens", "history"],
+                                     ["db", "version"], ["db", "stats"], ["diagnose", "asin", "B000000001"]])
+def test_read_only_commands_never_create_a_database_or_folder(tmp_path, command):
+    import subprocess
+
+    from .workers_support import INGEST
+
+    missing = tmp_path / "typo" / "ingest.db"
+    result = subprocess.run([INGEST, "--db", str(missing), *command], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "no database at" in result.stderr
+    assert not missing.parent.exists()
+
+
+def test_an_empty_db_option_is_a_usage_error(tmp_path):
+    import subprocess
+
+    from .workers_support import INGEST
+
+    result = subprocess.run([INGEST, "--db", "", "status"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--db needs a path" in result.stderr

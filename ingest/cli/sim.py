@@ -60,12 +60,12 @@ def _keys(ctx, param, value):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on (0 = any free port; the URL printed says which).")
-@click.option("--refill-rate", default=300, show_default=True, type=click.IntRange(0),
+@click.option("--refill-rate", default=300, show_default=True, type=click.IntRange(0, 10**6),
               help="Tokens added per minute (one tick a minute); the cap is 60 x this.")
-@click.option("--start-tokens", type=int, default=None, help="Balance at start (may be negative). [default: the cap]")
-@click.option("--token-flow-reduction", type=float, default=0.0, show_default=True,
+@click.option("--start-tokens", type=click.IntRange(-10**9, 10**9), default=None, help="Balance at start (may be negative). [default: the cap]")
+@click.option("--token-flow-reduction", type=click.FloatRange(0, 10**6), default=0.0, show_default=True,
               help="Value reported as tokenFlowReduction in every envelope.")
-@click.option("--seed", default=1, show_default=True, type=int, help="Catalogue and fault seed (same seed, same products).")
+@click.option("--seed", default=1, show_default=True, type=click.IntRange(0, 2**63 - 1), help="Catalogue and fault seed (same seed, same products).")
 @click.option("--products", default=5000, show_default=True, type=click.IntRange(1, 10_000_000),
               help="Catalogue size (products are generated lazily).")
 @click.option("--keys", default=None, metavar="K1,K2",

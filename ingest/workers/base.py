@@ -6,6 +6,9 @@ The process lifecycle (`Worker.run()`, private to this module):
   Every IngestError ends it with its own `exit_code` (3 config, 4 database, 5 lease lost).
   A lost lease stops the loop at once; the fenced commit refuses any write from a process
   that no longer holds the lease, so a late write can never land.
+  The database path must keep naming the file opened (device and inode, checked every renew_s
+  and before each fenced commit): deleted or replaced, the worker stops with exit 4 and writes
+  nothing more, its lease release included (the write would land in another file, or create one).
 
 The batch API subclasses call from `step()`: `fetch_products`, `commit_batch` (a product
 batch), `commit_page` (a listing page), `commit` (any other fenced write) and `tally`.
@@ -33,7 +36,7 @@ from ..keepa import MalformedResponse, TransientError
 from ..leases import Lease, LeaseLost, LeaseTiming
 from ..metered import Stopped, keepa_settings, open_keepa
 from ..settings import setting, worker_settings
-from ..store import open_db, transaction
+from ..store import DatabaseReplaced, FileIdentity, check_same_file, open_db, transaction
 
 log = logging.getLogger("ingest.worker")
 
@@ -138,6 +141,8 @@ class Worker:
         self._last_progress_log = 0.0
         self._tally_started = clock.monotonic()
         self._tally_started_wall = clock.wall()
+        self._opened: FileIdentity | None = None
+        self._replaced: DatabaseReplaced | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -149,13 +154,17 @@ class Worker:
         except Stopped:
             # the stop event is also set when the lease is lost: that is not a clean stop, and
             # supervisord must restart the worker (exit 5), not leave it EXITED (exit 0)
+            if self._replaced is not None:
+                return self._failed(self._replaced)
             if self.lease is not None and self.lease.wait_lost(0):
                 return self._failed(LeaseLost(f"lease {self.name!r} lost while waiting"))
             return self._stopped()
         except IngestError as e:
             return self._failed(e)
         finally:
-            if self.lease is not None:
+            if self.lease is not None and self._replaced is not None:
+                self.lease.abandon()
+            elif self.lease is not None:
                 try:
                     self.lease.release()
                 except Exception as e:  # the process is ending; say so, do not mask the exit code
@@ -163,6 +172,7 @@ class Worker:
 
     def _hold_lease_and_work(self) -> int:
         self.conn = open_db(self.db_path)
+        self._opened = FileIdentity.of(self.db_path)
         self.setup()
         if self._keepa is None:
             keepa = keepa_settings(self.config)  # a missing key fails here, before the lease is taken
@@ -174,6 +184,7 @@ class Worker:
             return EXIT_OK  # stopped while waiting: the progress row is the holder's, not ours
         self.lease.start_heartbeat()
         threading.Thread(target=self._stop_on_loss, daemon=True, name="lease-watch").start()
+        threading.Thread(target=self._watch_database, daemon=True, name="database-watch").start()
         log.info("holding lease %r with fence %d", self.name, self.lease.fence)
         self._set_state("working", pid=os.getpid(), fence=self.lease.fence, started_at=self.clock.wall())
         if self._keepa is None:
@@ -193,6 +204,8 @@ class Worker:
     def _failed(self, error: IngestError) -> int:
         """A fatal error: one log line, the state, and the error's own exit code (Keepa's
         400/402/405 are configuration errors: retrying cannot help)."""
+        if isinstance(error, DatabaseReplaced):
+            self._replaced = self._replaced or error
         code = error.exit_code
         log.error("%s: %s", EXIT_MEANINGS.get(code, "error"), error)
         self._set_state("lost" if isinstance(error, LeaseLost) else "error", last_error=str(error))
@@ -200,6 +213,7 @@ class Worker:
 
     def _loop(self) -> int:
         while not self.stop.is_set():
+            self._check_database()
             self.lease.check()
             try:
                 worked = self.step()
@@ -219,6 +233,7 @@ class Worker:
             if not worked:
                 self._set_state("idle")
                 self.clock.sleep(self.idle_wait_s(), self.stop)
+        self._check_database()  # stopped because the file went away: exit 4
         self.lease.check()  # stopped because the lease was lost: exit 5, not 0
         return self._stopped()
 
@@ -230,6 +245,28 @@ class Worker:
     def _stop_on_loss(self):
         self.lease.wait_lost()
         self.stop.set()
+
+    def _watch_database(self):
+        """At each heartbeat (renew_s): does the path still name the file we opened? If not,
+        stop (the loop then exits 4)."""
+        while not self.clock.sleep(self.lease_timing.renew_s, self.stop):
+            try:
+                self._check_database()
+            except DatabaseReplaced:
+                self.stop.set()
+                return
+
+    def _check_database(self) -> None:
+        """DatabaseReplaced (and remembered) once the path names another file, or none."""
+        if self._replaced is not None:
+            raise self._replaced
+        if self._opened is None:
+            return
+        try:
+            check_same_file(self.db_path, self._opened)
+        except DatabaseReplaced as e:
+            self._replaced = e
+            raise
 
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
@@ -284,8 +321,8 @@ class Worker:
 
     def _set_state(self, state: str, counters: dict | None = None, **fields) -> None:
         """Progress that is not part of a batch (state changes, errors): not fenced, so a
-        process that lost its lease can still say so."""
-        if self.conn is None:
+        process that lost its lease can still say so. Nothing once the file was replaced."""
+        if self.conn is None or self._replaced is not None:
             return
         try:
             with transaction(self.conn):
@@ -348,6 +385,7 @@ class Worker:
         """A fenced transaction: (conn, WriteContext). Raises LeaseLost (and writes nothing)
         when this process no longer holds the lease with its fencing token. Keep CPU work
         out of it: the other worker's heartbeat and token reservations wait for it."""
+        self._check_database()
         with self.lease.fenced(self.conn) as conn:
             ctx = store_deals.WriteContext(self.name, self.lease.fence, self.clock.wall(), source)
             yield conn, ctx
