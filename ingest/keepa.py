@@ -30,10 +30,11 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 
+from .asins import is_asin
 from .envelope import TokenFields, parse_json, token_problem
 
 from .clock import SYSTEM_CLOCK
-from .errors import EXIT_CONFIG, IngestError
+from .errors import EXIT_CONFIG, ConfigError, IngestError
 from .logs import REDACTED, RedactingFilter, redact, register_secret
 from .settings import DEFAULT_BASE_URL
 
@@ -227,12 +228,13 @@ class KeepaClient:
         return envelope
 
     def deals(self, selection: dict, page: int = 0) -> DealPage:
-        selection = {**selection, "page": int(page), "domainId": selection.get("domainId", self.domain)}
+        check_query_domain(selection, self.domain)  # /product will ask self.domain: one marketplace
+        selection = {**selection, "page": int(page), "domainId": self.domain}
         body, envelope = self.request("deal", {"selection": json.dumps(selection, separators=(",", ":"))})
         deals = body.get("deals")
         if not isinstance(deals, dict) or not isinstance(deals.get("dr", []), list):
             raise MalformedResponse("deal: 200 response without a 'deals' object", endpoint="deal", envelope=envelope)
-        return DealPage(deals=deals.get("dr") or [], envelope=envelope, raw=deals)
+        return DealPage(deals=_with_valid_asins("deal", deals.get("dr") or []), envelope=envelope, raw=deals)
 
     def products(
         self,
@@ -262,7 +264,7 @@ class KeepaClient:
                 endpoint="product",
                 envelope=envelope,
             )
-        return ProductPage(products=products, envelope=envelope)
+        return ProductPage(products=_with_valid_asins("product", products), envelope=envelope)
 
     # ------------------------------------------------------------------ transport
 
@@ -355,6 +357,24 @@ class KeepaClient:
 
     def close(self) -> None:
         self.session.close()
+
+
+def check_query_domain(query: dict | None, domain: int) -> None:
+    """ConfigError unless the deal query lists the marketplace /product asks ([keepa] domain):
+    German deals bought with US histories would be stored and evaluated, and wrong."""
+    wanted = (query or {}).get("domainId", domain)
+    if wanted != domain:
+        raise ConfigError(f"the deal query has domainId {wanted!r} but [keepa] domain is {domain}: one marketplace"
+                          f" per query (set [keepa] domain = {wanted!r}, or domainId = {domain} in the query)")
+
+
+def _with_valid_asins(endpoint: str, entries: list) -> list[dict]:
+    """The entries that are objects with a well-formed ASIN; one line saying how many were not."""
+    kept = [e for e in entries if isinstance(e, dict) and is_asin(e.get("asin"))]
+    if len(kept) < len(entries):
+        log.warning("keepa %s: %d of %d entries dropped: not an object with a valid ASIN (10 of A-Z0-9)",
+                    endpoint, len(entries) - len(kept), len(entries))
+    return kept
 
 
 def _new_session() -> requests.Session:

@@ -2,6 +2,7 @@
 (tests/hostile_server.py) on loopback: the key stays home, every response is bounded, absurd
 envelopes never reach the ledger, the database cannot vanish under a worker."""
 
+import re
 import signal
 import threading
 import time
@@ -277,3 +278,187 @@ def test_an_empty_db_option_is_a_usage_error(tmp_path):
 
     result = subprocess.run([INGEST, "--db", "", "status"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--db needs a path" in result.stderr
+
+
+# ------------------------------------------------------------------ 6, 7. scripts/start and scripts/stop
+
+
+def _supervisords(root: Path) -> list[int]:
+    """supervisord processes running for the checkout at `root` (its cwd or its command line)."""
+    import os
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if "supervisord " in cmdline and (cwd == str(root) or str(root) in cmdline):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def project(sim):
+    import os
+
+    from .supervised import SupervisedProject
+
+    p = SupervisedProject(sim.url)
+    yield p
+    p.close()
+    for pid in _supervisords(p.root):  # a second supervisord the test failed to prevent
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_two_concurrent_starts_leave_one_supervisord_and_stop_leaves_none(project):
+    import subprocess
+
+    starts = [subprocess.Popen([str(project.root / "scripts/start")], cwd=project.root, env=project.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=90)[0] for p in starts]
+    assert [p.returncode for p in starts] == [0, 0], outputs
+    assert any("supervisord is running (pid" in out for out in outputs)  # the second found the first
+    assert len(_supervisords(project.root)) == 1
+    assert (project.root / "var/log/supervisord.log").stat().st_mode & 0o777 == 0o600
+    project.script("stop", timeout=120)
+    assert _supervisords(project.root) == []
+
+
+@pytest.mark.slow
+def test_stop_finds_a_supervisord_whose_socket_was_deleted(project):
+    project.script("start", timeout=90)
+    (project.root / "var/supervisor.sock").unlink()
+    again = project.script("start", check=False, timeout=30)
+    assert again.returncode == 1 and "does not answer" in again.stderr
+    assert len(_supervisords(project.root)) == 1
+    project.script("stop", timeout=120)
+    assert _supervisords(project.root) == []
+
+
+@pytest.mark.parametrize("line,expected", [
+    ("HOSTILE-BARE-KEY-0123456789abcdef", "line 3 is not KEY=value"),
+    ("KEEPA_QUERY_FILE=x.json\r", "line 3 ends with a carriage return"),
+])
+def test_a_bad_ingest_env_line_is_named_by_number_never_shown(project, line, expected):
+    (project.root / "ingest.env").write_text(f"# settings\nINGEST_X=1\n{line}\n")
+    (project.root / "ingest.env").chmod(0o600)
+    done = project.script("start", check=False, timeout=30)
+    assert done.returncode == 3 and expected in done.stderr
+    assert "HOSTILE-BARE-KEY" not in done.stdout + done.stderr
+    assert _supervisords(project.root) == []
+
+
+@pytest.mark.parametrize("url", ["not-a-url", "ftp://api.keepa.com", "http://127.0.0.1:99999", "http://host\r"])
+def test_a_bad_base_url_is_exit_3_in_one_line_from_start_and_from_a_worker(project, tmp_path, db_path, url):
+    from .workers_support import run_worker
+
+    project.env["KEEPA_BASE_URL"] = url
+    done = project.script("start", check=False, timeout=30)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 3 and len(lines) == 1 and re.search("base.url", lines[0], re.I), done.stderr
+    assert _supervisords(project.root) == []
+    worker = run_worker("backfill", _env(url, tmp_path, db_path), "--once", timeout=60)
+    lines = worker.stderr.strip().splitlines()
+    assert worker.returncode == 3 and len(lines) == 1 and re.search("base.url", lines[0], re.I), worker.stderr
+
+
+# ------------------------------------------------------------------ 4. one marketplace per query
+
+
+def test_a_query_for_another_marketplace_is_exit_3_before_any_token(sim, tmp_path, db_path):
+    import json as json_module
+
+    from .workers_support import run_worker, scalar
+
+    query = tmp_path / "de.json"
+    query.write_text(json_module.dumps({"domainId": 3, "priceTypes": [2]}))
+    result = run_worker("backfill", _env(sim.url, tmp_path, db_path), "--once", "--query", str(query), timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 3 and "domainId 3" in lines[-1] and "[keepa] domain is 1" in lines[-1]
+    assert not scalar(db_path, "SELECT count(*) FROM keepa_calls")
+
+
+@pytest.mark.slow
+def test_stored_deals_record_their_marketplace(sim, tmp_path, db_path):
+    from .workers_support import query, run_worker
+
+    assert run_worker("backfill", _env(sim.url, tmp_path, db_path), "--once", timeout=120).returncode == 0
+    domains = {d for (d,) in query(db_path, "SELECT DISTINCT domain FROM deals")}
+    assert domains == {1}
+
+
+def test_the_client_never_sends_a_deal_query_for_another_marketplace(server):
+    from ingest.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="one marketplace per query"):
+        client(server.url, domain=1).deals({"domainId": 3}, page=0)
+    assert server.requests == []
+
+
+# ------------------------------------------------------------------ 7. ASINs
+
+
+def test_entries_without_a_valid_asin_are_dropped_in_one_line(server, caplog):
+    good = {"asin": "B00EXAMPLE"}
+    listed = [good, {"asin": "X" * 5000}, {"asin": 1234567890}, {"asin": "b00example"}, "B00EXAMPLE", {}]
+    server.script("deal", Answer({**sane_envelope(), "deals": {"dr": listed}}))
+    assert client(server.url).deals({}, page=0).deals == [good]
+    server.script("product", Answer({**sane_envelope(), "products": listed}))
+    assert client(server.url).products(["B00EXAMPLE"]).products == [good]
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert dropped == ["keepa deal: 5 of 6 entries dropped: not an object with a valid ASIN (10 of A-Z0-9)",
+                       "keepa product: 5 of 6 entries dropped: not an object with a valid ASIN (10 of A-Z0-9)"]
+    assert all("XXXXXXXX" not in r.getMessage() for r in caplog.records)
+
+
+def test_cli_asin_arguments_are_validated_and_looked_up_case_insensitively(db_path):
+    from click.testing import CliRunner
+
+    from ingest.cli import main
+    from ingest.store import open_db
+
+    open_db(db_path).close()
+    bad = CliRunner().invoke(main, ["--db", str(db_path), "diagnose", "asin", "B00'; DROP--" + "X" * 100])
+    assert bad.exit_code == 2 and "is not an ASIN" in bad.output and "X" * 30 not in bad.output
+    lower = CliRunner().invoke(main, ["--db", str(db_path), "diagnose", "asin", "b00example"])
+    assert "B00EXAMPLE: unknown ASIN" in lower.output
+
+
+@pytest.mark.parametrize("args", [["deals", "--limit", str(10**30)], ["deals", "--limit", "-1"],
+                                  ["tokens", "history", "--limit", "0"], ["leases", "history", "--limit", str(10**20)],
+                                  ["status", "--stall-minutes", "1e308"]])
+def test_cli_numbers_out_of_range_are_a_usage_error(db_path, args):
+    from click.testing import CliRunner
+
+    from ingest.cli import main
+    from ingest.store import open_db
+
+    open_db(db_path).close()
+    result = CliRunner().invoke(main, ["--db", str(db_path), *args])
+    assert result.exit_code == 2 and "Traceback" not in result.output and "range" in result.output
+
+
+# ------------------------------------------------------------------ 8. the simulator's faults for the chaos run
+
+
+def test_the_simulator_redirect_and_drip_faults_are_survived(trap):
+    from ingest.simulator import SimConfig, Simulator
+
+    sim = Simulator(SimConfig(port=0, fault_redirect=1.0, redirect_to=f"{trap.url}/x")).start()
+    try:
+        with pytest.raises(TransientError, match=r"HTTP 302 redirect to 127\.0\.0\.2:\d+ not followed"):
+            client(sim.url).token_status()
+        assert trap.queries == []
+        sim.set_faults(fault_redirect=0, fault_drip=1.0, drip_s=10)
+        started = time.monotonic()
+        with pytest.raises(TransientError, match="deadline_s = 1 s"):
+            client(sim.url, bounds=Bounds(deadline_s=1.0)).products(["B00EXAMPLE"])
+        assert time.monotonic() - started < 2.0
+        assert sim.stats()["faults"]["redirect"] == 1 and sim.stats()["faults"]["drip"] == 1
+    finally:
+        sim.stop()

@@ -58,9 +58,9 @@ def test_gzip_bodies_are_decoded_errors_included(stub):
 
 
 def test_deals_sends_selection_and_returns_the_dr_list(stub):
-    stub.script("deal", Reply(200, envelope(tokensConsumed=5, deals={"dr": [{"asin": "A1"}], "categoryIds": [1]})))
+    stub.script("deal", Reply(200, envelope(tokensConsumed=5, deals={"dr": [{"asin": "B0000000A1"}], "categoryIds": [1]})))
     page = client(stub.url).deals({"priceTypes": [0]}, page=3)
-    assert page.deals == [{"asin": "A1"}] and page.raw["categoryIds"] == [1]
+    assert page.deals == [{"asin": "B0000000A1"}] and page.raw["categoryIds"] == [1]
     assert '"page":3' in stub.requests[0][1]["selection"][0]
     assert '"domainId":1' in stub.requests[0][1]["selection"][0]
 

@@ -5,6 +5,7 @@ import time
 import click
 
 from . import echo_json
+from ..asins import asin_argument
 from .deals import deals_group
 from ..errors import StoreError
 from ..supervisor import supervisor_states
@@ -22,7 +23,7 @@ def diagnose():
 
 
 @diagnose.command("asin")
-@click.argument("asin")
+@click.argument("asin", type=asin_argument)
 @click.option("--fetch", is_flag=True, help="Fetch the product from Keepa afresh (costs tokens, through the ledger).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj

@@ -32,7 +32,7 @@ from ..calllog import spend_by_worker
 from ..clock import SYSTEM_CLOCK
 from ..db_source import claim, source_of
 from ..errors import EXIT_MEANINGS, EXIT_OK, ConfigError, DiskFull, IngestError
-from ..keepa import MalformedResponse, TransientError
+from ..keepa import MalformedResponse, TransientError, check_query_domain
 from ..leases import Lease, LeaseLost, LeaseTiming
 from ..metered import Stopped, keepa_settings, open_keepa
 from ..settings import setting, worker_settings
@@ -121,6 +121,8 @@ class Worker:
     """Base class: subclasses set `name` and implement `step()` (and `pass_done()` for --once)."""
 
     name = "worker"
+    query: dict | None = None    # the deal query, set by setup() (its domainId is checked at start)
+    domain: int | None = None    # [keepa] domain, stamped on the deals written (deals.domain)
 
     def __init__(self, db_path, config: dict, *, once: bool = False, clock=SYSTEM_CLOCK,
                  stop: threading.Event | None = None, keepa=None):
@@ -176,6 +178,8 @@ class Worker:
         self.setup()
         if self._keepa is None:
             keepa = keepa_settings(self.config)  # a missing key fails here, before the lease is taken
+            check_query_domain(self.query, keepa.domain)  # one marketplace per query: exit 3 at start
+            self.domain = keepa.domain
             claim(self.conn, source_of(keepa), self.db_path, self.clock.wall())  # one database, one source
         self.lease = Lease(self.db_path, self.name, self.lease_timing, clock=self.clock)
         self._note_waiting_for_lease()
@@ -387,7 +391,7 @@ class Worker:
         out of it: the other worker's heartbeat and token reservations wait for it."""
         self._check_database()
         with self.lease.fenced(self.conn) as conn:
-            ctx = store_deals.WriteContext(self.name, self.lease.fence, self.clock.wall(), source)
+            ctx = store_deals.WriteContext(self.name, self.lease.fence, self.clock.wall(), source, self.domain)
             yield conn, ctx
             store_deals.note_fenced_commit(conn, ctx, self.name, os.getpid(), what)
 
