@@ -17,6 +17,8 @@ from typing import Any
 MAX_DEPTH = 64            # a Keepa body nests about 6 deep
 MAX_INT_DIGITS = 20       # a 64-bit integer has at most 19 digits (and a sign)
 MAX_FLOAT_CHARS = 40
+MAX_ABS_INT = 10**MAX_INT_DIGITS
+_SCALARS = frozenset({int, float, str, bool, type(None)})
 
 # Keepa's token model (see /work/shared/keepa-api.md): refill once a minute, the balance capped
 # at 60 x refillRate; the bounds are generous but keep every later computation finite and sane.
@@ -41,12 +43,6 @@ def _constant(name: str):
     raise Unacceptable(f"non-finite number {name}")
 
 
-def _int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise Unacceptable(f"an integer of {len(text)} digits")
-    return int(text)
-
-
 def _float(text: str) -> float:
     if len(text) > MAX_FLOAT_CHARS:
         raise Unacceptable(f"a number of {len(text)} characters")
@@ -57,18 +53,17 @@ def _float(text: str) -> float:
 
 
 def loads(text: str | bytes) -> Any:
-    """json.loads with bounded numbers (Unacceptable, a ValueError) and no stack exhaustion
-    (deep nesting is Unacceptable too)."""
+    """json.loads without NaN/Infinity or floats out of range (Unacceptable, a ValueError), and
+    without stack exhaustion (nesting past the interpreter's recursion limit is Unacceptable).
+    Integers and depth below that are checked on the parsed value by `unbounded`."""
     try:
-        return json.loads(text, parse_constant=_constant, parse_int=_int, parse_float=_float)
+        return json.loads(text, parse_constant=_constant, parse_float=_float)
     except RecursionError:
         raise Unacceptable(f"JSON nested deeper than {MAX_DEPTH} levels") from None
 
 
 def parse_json(text: str, *, max_depth: int = MAX_DEPTH) -> Parsed:
-    """The JSON object in `text`, or a one-line problem. Nesting beyond the interpreter's
-    recursion limit is stopped by the C parser's own guard (RecursionError, caught in `loads`);
-    beyond `max_depth`, by an iterative walk of the parsed value."""
+    """The JSON object in `text`, or a one-line problem."""
     try:
         body = loads(text)
     except Unacceptable as e:
@@ -77,23 +72,34 @@ def parse_json(text: str, *, max_depth: int = MAX_DEPTH) -> Parsed:
         return Parsed({}, "not JSON")
     if not isinstance(body, dict):
         return Parsed({}, "JSON but not an object")
-    if _deeper_than(body, max_depth):
-        return Parsed({}, f"not acceptable JSON: nested deeper than {max_depth} levels")
+    problem = unbounded(body, max_depth)
+    if problem is not None:
+        return Parsed({}, f"not acceptable JSON: {problem}")
     return Parsed(body)
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Is any container of `value` more than `limit` levels deep? Iterative (an explicit stack)."""
+def unbounded(value: Any, max_depth: int = MAX_DEPTH) -> str | None:
+    """What makes a parsed JSON value unsafe to compute with: nesting deeper than `max_depth`, or
+    an integer of more than MAX_INT_DIGITS digits; None when it is fine. Iterative (an explicit
+    stack), and the long lists of numbers a Keepa product holds are checked at C speed (a hook
+    per integer inside json.loads would double the parse time)."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        if depth > max_depth:
+            return f"nested deeper than {max_depth} levels"
+        children = list(item.values()) if isinstance(item, dict) else item if isinstance(item, list) else []
+        kinds = set(map(type, children))
+        if int in kinds:
+            ints = children if len(kinds) == 1 else [c for c in children if type(c) is int]
+            if max(ints) >= MAX_ABS_INT or min(ints) <= -MAX_ABS_INT:
+                return f"an integer of more than {MAX_INT_DIGITS} digits"
+        if kinds <= _SCALARS:
+            continue
         for child in children:
             if isinstance(child, (dict, list)):
                 stack.append((child, depth + 1))
-    return False
+    return None
 
 
 # ---------------------------------------------------------------- the token envelope

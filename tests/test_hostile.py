@@ -462,3 +462,22 @@ def test_the_simulator_redirect_and_drip_faults_are_survived(trap):
         assert sim.stats()["faults"]["redirect"] == 1 and sim.stats()["faults"]["drip"] == 1
     finally:
         sim.stop()
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('{"products": [' + "[" * 100_000 + "]" * 100_000 + "]}", "nested deeper"),
+    ('{"products": [' + "[" * 500 + "]" * 500 + "]}", "nested deeper than 64"),
+    ('{"asin": "B00EXAMPLE", "csv": [' + "7" * 5000 + "]}", "not JSON"),
+    ('{"asin": "B00EXAMPLE", "csv": [1, "x", ' + "7" * 400 + "]}", "an integer of more than 20 digits"),
+    ('{"asin": "B00EXAMPLE", "csv": [NaN]}', "non-finite number NaN"),
+])
+def test_analyze_on_hostile_json_is_one_line_not_a_traceback(tmp_path, text, expected):
+    import subprocess
+
+    from .workers_support import INGEST
+
+    source = tmp_path / "product.json"
+    source.write_text(text)
+    result = subprocess.run([INGEST, "analyze", str(source)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr
