@@ -46,14 +46,14 @@ def test_token_status_reads_the_envelope(stub):
 
 
 def test_gzip_bodies_are_decoded_errors_included(stub):
-    stub.script("product", Reply(200, envelope(products=[{"asin": "B0"}], tokensConsumed=1), gzip=True))
-    page = client(stub.url).products(["B0"], stats=90, days=30)
-    assert page.products == [{"asin": "B0"}] and page.envelope.tokens_consumed == 1
+    stub.script("product", Reply(200, envelope(products=[{"asin": "B00EXAMPLE"}], tokensConsumed=1), gzip=True))
+    page = client(stub.url).products(["B00EXAMPLE"], stats=90, days=30)
+    assert page.products == [{"asin": "B00EXAMPLE"}] and page.envelope.tokens_consumed == 1
     _, query = stub.requests[0]
-    assert query["asin"] == ["B0"] and query["stats"] == ["90"] and query["days"] == ["30"] and query["history"] == ["1"]
+    assert query["asin"] == ["B00EXAMPLE"] and query["stats"] == ["90"] and query["days"] == ["30"] and query["history"] == ["1"]
     stub.script("product", Reply(400, envelope(error={"type": "invalidParameter", "message": "bad"}), gzip=True))
     with pytest.raises(KeepaRequestError) as err:
-        client(stub.url).products(["B0"])
+        client(stub.url).products(["B00EXAMPLE"])
     assert err.value.error_type == "invalidParameter"
 
 
