@@ -89,6 +89,29 @@ def test_a_body_past_max_body_is_abandoned(server, behaviour):
     assert time.monotonic() - started < 5
 
 
+_PEAK_RSS = """
+import resource, sys
+from ingest.keepa import KeepaClient, RetryPolicy, TransientError
+try:
+    KeepaClient("HOSTILEKEY0123456789abcdef", sys.argv[1], retry=RetryPolicy(attempts=1)).token_status()
+except TransientError as e:
+    print(e, file=sys.stderr)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.parametrize("behaviour", [Endless(), GzipBomb(decoded_mb=1024)], ids=["endless", "gzip-bomb-1GiB"])
+def test_an_endless_body_leaves_a_fresh_process_under_200_mb(server, behaviour):
+    """With the default bounds (max_body_mb = 64): the body is abandoned, memory stays bounded."""
+    import subprocess
+    import sys
+
+    server.script("token", behaviour)
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, server.url], capture_output=True, text=True, timeout=60)
+    assert "larger than max_body_mb = 64" in done.stderr
+    assert int(done.stdout.strip()) < 200
+
+
 def test_stop_abandons_an_attempt_in_flight_at_once(server):
     server.script("token", Stall(seconds=30))
     stop = threading.Event()
