@@ -316,6 +316,8 @@ class KeepaClient:
             try:
                 result.append(_exchange(self.session, url, params, self.timeout, self.bounds, deadline,
                                         cancelled, self._clean))
+            except Exception as e:  # noqa: BLE001 - never a thread traceback (its text may hold the URL)
+                result.append(Exchange(problem=f"request failed: {type(e).__name__}"))
             finally:
                 done.set()
 
