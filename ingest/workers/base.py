@@ -252,8 +252,9 @@ class Worker:
 
     def _watch_database(self):
         """At each heartbeat (renew_s): does the path still name the file we opened? If not,
-        stop (the loop then exits 4)."""
-        while not self.clock.sleep(self.lease_timing.renew_s, self.stop):
+        stop (the loop then exits 4). Real time, like the file it watches (an injected clock
+        would be advanced by this loop)."""
+        while not self.stop.wait(self.lease_timing.renew_s):
             try:
                 self._check_database()
             except DatabaseReplaced:
