@@ -10,6 +10,9 @@ setup(
     install_requires=[
         "click>=8.1",
         "requests>=2.31",
+        # requests' own transport, declared for what the Keepa client uses directly: read1() with
+        # decompression bounded per read (2.6+), so a gzip bomb cannot balloon between checks
+        "urllib3>=2.6",
         "sqlite-utils>=3.36",
         "supervisor>=4.2",
         # CLI tables (sqlite-utils depends on it too; imported directly, so declared)

@@ -61,6 +61,8 @@ def injected_rows(result) -> list[Row]:
         Row("timeouts (charged, never answered)", str(faults.get("timeout", 0)), "injected"),
         Row("malformed bodies (charged)", str(faults.get("malformed", 0)), "injected"),
         Row("products without history", str(faults.get("no_history", 0)), "injected"),
+        Row("drip-fed bodies (charged, past deadline_s)", str(faults.get("drip", 0)), "injected"),
+        Row("redirects to another host", str(faults.get("redirect", 0)), "injected"),
         Row("429 window (forced 429s)", f"{_window_len(result, 'forced_429'):.0f}s ({faults.get('forced_429', 0)})",
             "injected"),
         Row("refill-rate change", f"{result.settings.refill_rate} -> {result.settings.rate_after}/min"
@@ -232,6 +234,11 @@ def check_integrity(conn) -> Row:
                verdict(answer == ["ok"]), "; ".join(answer[:3]) if answer != ["ok"] else "")
 
 
+def check_key_stays_home(result) -> Row:
+    hits = result.redirect_target_hits
+    return Row("requests that followed a redirect to another host", str(hits), verdict(hits == 0))
+
+
 def check_settled(result) -> Row:
     took = None if result.settled_at is None else result.settled_at - result.settle_at
     return Row("settled: backfill pass + upsert caught up", "timed out" if took is None else f"{took:.0f}s",
@@ -294,6 +301,7 @@ def all_rows(result) -> list[Row]:
         rows += check_429s(conn, result)
         rows += check_tokens(conn, result)
         rows.append(check_integrity(conn))
+        rows.append(check_key_stays_home(result))
         rows += check_exits(result)
         rows.append(check_programs(result))
         rows.append(status_row(result))

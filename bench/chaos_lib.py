@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench.chaos_observe import LeaseSampler, holds_write_lock
 from bench.chaos_sim import SimProcess, wait_for
+from tests.hostile_server import KeyTrap
 from tests.supervised import SupervisedProject
 
 LEASES = ("backfill", "upsert")
@@ -43,6 +44,10 @@ class ChaosSettings:
     fault_timeout: float = 0.04
     fault_malformed: float = 0.04
     fault_no_history: float = 0.05
+    fault_drip: float = 0.01         # the body trickles out over drip_s, past the client's deadline_s
+    fault_redirect: float = 0.01     # a 302 to another host: never followed, the key stays home
+    drip_s: float = 6.0              # ... and the client abandons it after deadline_s
+    deadline_s: float = 3.0
     sim_timeout_s: float = 4.0       # a timed-out answer is held this long ...
     read_timeout_s: float = 2.0      # ... and the client gives up after this
     window_429_s: float = 20.0
@@ -58,6 +63,7 @@ class ChaosSettings:
     def toml(self) -> str:
         return (f"[leases]\nttl_s = {self.ttl_s}\nrenew_s = {self.renew_s}\nretry_s = {self.retry_s}\n"
                 f"[keepa]\nread_timeout_s = {self.read_timeout_s}\nconnect_timeout_s = 2.0\n"
+                f"deadline_s = {self.deadline_s}\n"
                 "[backfill]\npass_pause_s = 2.0\n[metrics]\nlisten = \"127.0.0.1:0\"\n")
 
 
@@ -97,6 +103,7 @@ class RunResult:
     programs_at_end: dict            # program -> supervisord state just before the final stop
     max_balance: float | None = None
     cap: float | None = None
+    redirect_target_hits: int = 0    # requests that reached the redirect fault's target (the key left home)
 
 
 class ChaosRun:
@@ -112,6 +119,7 @@ class ChaosRun:
         self.t0 = 0.0
         self._log_file = None
         self._paused: int | None = None   # a worker we SIGSTOPped and have not SIGCONTed yet
+        self.trap: KeyTrap | None = None  # where the redirect fault points: another loopback host
 
     # ------------------------------------------------------------ setup and teardown
 
@@ -120,9 +128,11 @@ class ChaosRun:
         self.project = SupervisedProject("http://127.0.0.1:1", toml=s.toml())  # URL set below
         root = self.project.root
         (root / "var" / "log").mkdir(parents=True, exist_ok=True)
+        self.trap = KeyTrap().__enter__()
         self.sim = SimProcess(root / ".venv" / "bin" / "ingest", refill_rate=s.refill_rate,
                               start_tokens=s.start_tokens, products=s.products, seed=s.seed,
-                              timeout_s=s.sim_timeout_s, log_path=root / "var" / "log" / "sim.log")
+                              timeout_s=s.sim_timeout_s, log_path=root / "var" / "log" / "sim.log",
+                              drip_s=s.drip_s, redirect_to=self.trap.url)
         self.project.env["KEEPA_BASE_URL"] = self.sim.url
         if os.environ.get("CHAOS_PYTHONPATH"):  # try a fix to ingest/ before it lands (docs/chaos.md)
             self.project.env["PYTHONPATH"] = os.environ["CHAOS_PYTHONPATH"]
@@ -165,6 +175,8 @@ class ChaosRun:
                     self.project.close()
         finally:
             try:
+                if self.trap is not None:
+                    self.trap.__exit__(None, None, None)
                 if self.sim is not None:
                     self.sim.stop()
             finally:
@@ -181,12 +193,15 @@ class ChaosRun:
         self.sampler.start()
         wait_for(lambda: all(self._lease(n) and self._lease(n)["holder_pid"] for n in LEASES), 30)
         self.sim.set_faults(fault_500=s.fault_500, fault_timeout=s.fault_timeout,
-                            fault_malformed=s.fault_malformed, fault_no_history=s.fault_no_history)
+                            fault_malformed=s.fault_malformed, fault_no_history=s.fault_no_history,
+                            fault_drip=s.fault_drip, fault_redirect=s.fault_redirect)
         self.note(Event(time.time(), "faults_on", detail=f"500 {s.fault_500}, timeout {s.fault_timeout}, "
-                        f"malformed {s.fault_malformed}, no_history {s.fault_no_history}"))
+                        f"malformed {s.fault_malformed}, no_history {s.fault_no_history}, "
+                        f"drip {s.fault_drip}, redirect {s.fault_redirect}"))
         self._chaos_loop()
         settle_at = time.time()
-        self.sim.set_faults(fault_500=0, fault_timeout=0, fault_malformed=0, fault_no_history=0, force_429=None)
+        self.sim.set_faults(fault_500=0, fault_timeout=0, fault_malformed=0, fault_no_history=0, fault_drip=0,
+                            fault_redirect=0, force_429=None)
         self.note(Event(settle_at, "faults_off"))
         settled_at, state = self._settle(settle_at)
         status = self._status_json()
@@ -199,7 +214,8 @@ class ChaosRun:
         stats = self.sim.stats()
         return RunResult(s, self.project.db_path, self.project.root / "var" / "log", self.events, self.windows,
                          self.sampler.unowned, self.sampler.min_balance, stats, s.start_tokens, settle_at,
-                         settled_at, state, status, programs, self.sampler.max_balance, self.sampler.cap)
+                         settled_at, state, status, programs, self.sampler.max_balance, self.sampler.cap,
+                         len(self.trap.queries))
 
     def note(self, event: Event) -> None:
         self.events.append(event)

@@ -16,12 +16,13 @@ from pathlib import Path
 
 class SimProcess:
     def __init__(self, ingest_bin: Path, *, refill_rate: int, start_tokens: int, products: int, seed: int,
-                 timeout_s: float, log_path: Path):
+                 timeout_s: float, log_path: Path, drip_s: float = 60.0, redirect_to: str | None = None):
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [str(ingest_bin), "sim", "--port", "0", "--refill-rate", str(refill_rate),
              "--start-tokens", str(start_tokens), "--products", str(products), "--seed", str(seed),
-             "--timeout-s", str(timeout_s)],
+             "--timeout-s", str(timeout_s), "--drip-s", str(drip_s),
+             *(["--redirect-to", redirect_to] if redirect_to else [])],
             stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True,
         )
         self.url = self.proc.stdout.readline().strip()

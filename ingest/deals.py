@@ -57,6 +57,7 @@ class WriteContext:
     fence: int
     now: float
     source: str
+    domain: int | None = None   # the Keepa marketplace of what is written (deals.domain), if known
 
 
 def compress_product(product: dict) -> bytes:
@@ -89,6 +90,8 @@ def _with_listing(values: dict, listing: Listing | None) -> dict:
 def _deal_statement(ctx: WriteContext, outcome: "Outcome", exists: bool, values: dict) -> tuple[str, dict]:
     """The INSERT or UPDATE of one deal row. A listing (seen in a deal page) refreshes last_seen."""
     row = {"asin": outcome.asin, "source": ctx.source, "fence": ctx.fence, "writer": ctx.worker, **values}
+    if ctx.domain is not None:
+        row["domain"] = ctx.domain
     if exists:
         if outcome.listing is not None:
             row["last_seen"] = ctx.now

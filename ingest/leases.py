@@ -283,6 +283,13 @@ class Lease:
         except Exception as e:  # shutting down: the TTL / dead-holder rule will free it anyway
             log.warning("lease %s could not be released: %s", self.name, e)
 
+    def abandon(self) -> None:
+        """Stop heartbeating and forget the fence, writing nothing: for a process whose database
+        path no longer names the file it opened (a release would write into another file, or
+        create one). The TTL frees the row in the file that is at the path, if it is ours."""
+        self._fence = None
+        self._stop_heartbeat()
+
     def _stop_heartbeat(self) -> None:
         self._heartbeat_stop.set()
         thread = self._heartbeat

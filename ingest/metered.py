@@ -18,6 +18,7 @@ from .calllog import CallRecord
 from .clock import SYSTEM_CLOCK
 from .errors import ConfigError
 from .keepa import (
+    Bounds,
     DealPage,
     Envelope,
     KeepaClient,
@@ -192,6 +193,7 @@ def open_keepa(db_path, config: dict, worker: str, stop: threading.Event | None 
     client = KeepaClient(
         keepa.api_key, keepa.base_url, keepa.domain, stop=stop, clock=clock,
         connect_timeout_s=keepa.connect_timeout_s, read_timeout_s=keepa.read_timeout_s,
+        bounds=Bounds.from_settings(keepa.deadline_s, keepa.max_body_mb),
     )
     ledger = Ledger(ledger_connection(db_path), account_id(keepa.api_key), policy, clock)
     return MeteredKeepa(client, ledger, worker, stop=stop, clock=clock, call_log_days=policy.call_log_days)

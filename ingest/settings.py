@@ -181,6 +181,10 @@ class KeepaSettings:
     domain: int = setting(1, "marketplace (1 .com, 2 .co.uk, 3 .de ...)", choices=KEEPA_DOMAINS)
     connect_timeout_s: float = setting(10.0, "TCP connect timeout", above=0, max=120)
     read_timeout_s: float = setting(60.0, "timeout of each read", above=0, max=600)
+    deadline_s: float = setting(30.0, "one HTTP attempt, connect to last byte, is abandoned after this"
+                                " (well under supervisord's stopwaitsecs = 90)", above=0, max=600)
+    max_body_mb: float = setting(64.0, "a response body (decoded, gzip included) larger than this is abandoned",
+                                 above=0, max=4096)
 
     def __post_init__(self):
         object.__setattr__(self, "base_url", check_base_url(self.base_url))

@@ -35,6 +35,46 @@ def resolve_db_path(explicit: str | None = None, config: dict | None = None) -> 
     return Path(chosen)
 
 
+def require_database(path: str | os.PathLike) -> Path:
+    """The database a read-only command reads: a path naming no file is a StoreError, and
+    nothing (no folder, no file) is created."""
+    path = Path(path)
+    if not path.is_file():
+        what = "a folder, not a database" if path.is_dir() else "missing"
+        raise StoreError(f"no database at {path} ({what}; nothing created): check --db, INGEST_DB or [store] db")
+    return path
+
+
+class DatabaseReplaced(StoreError):
+    """The path no longer names the file this process opened (deleted, or replaced by `mv`)."""
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file a path names: device and inode (a delete-and-recreate or `mv` changes them)."""
+
+    device: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> "FileIdentity | None":
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(st.st_dev, st.st_ino)
+
+
+def check_same_file(path: str | os.PathLike, opened: FileIdentity) -> None:
+    """DatabaseReplaced unless `path` still names the file `opened` identifies."""
+    now = FileIdentity.of(path)
+    if now is None:
+        raise DatabaseReplaced(f"database {path} was deleted under this process: stopping without writing")
+    if now != opened:
+        raise DatabaseReplaced(f"database {path} was replaced under this process (another file is at the path now):"
+                               " stopping without writing")
+
+
 def _ensure_private_file(path: Path) -> None:
     """Create the folder (0700) and the file (0600) before SQLite does, so neither is ever
     world-readable. SQLite gives the -wal and -shm files the database file's permissions."""

@@ -162,6 +162,7 @@ def test_diagnose_stall_runs_every_check(conn, db_path):
 
 
 def test_cli_stall_json_and_exit_code(db_path):
+    open_db(db_path).close()  # a new, empty database (a missing one is reported unusable)
     result = CliRunner().invoke(main, ["--db", str(db_path), "diagnose", "stall", "--json",
                                        "--supervisor-conf", str(db_path.parent / "none.conf")])
     payload = json.loads(result.output)
@@ -335,6 +336,7 @@ def test_cli_diagnose_asin_json_costs_nothing(db_path):
 
 
 def test_cli_diagnose_asin_fetch_goes_through_the_ledger_and_shows_cost(db_path, monkeypatch):
+    open_db(db_path).close()  # a new, empty database (a missing one is exit 4)
     product = one_sale()
     with KeepaStub() as stub:
         stub.script("product", Reply(200, {"products": [product], **envelope(tokensConsumed=1, tokensLeft=99)}))

@@ -46,21 +46,21 @@ def test_token_status_reads_the_envelope(stub):
 
 
 def test_gzip_bodies_are_decoded_errors_included(stub):
-    stub.script("product", Reply(200, envelope(products=[{"asin": "B0"}], tokensConsumed=1), gzip=True))
-    page = client(stub.url).products(["B0"], stats=90, days=30)
-    assert page.products == [{"asin": "B0"}] and page.envelope.tokens_consumed == 1
+    stub.script("product", Reply(200, envelope(products=[{"asin": "B00EXAMPLE"}], tokensConsumed=1), gzip=True))
+    page = client(stub.url).products(["B00EXAMPLE"], stats=90, days=30)
+    assert page.products == [{"asin": "B00EXAMPLE"}] and page.envelope.tokens_consumed == 1
     _, query = stub.requests[0]
-    assert query["asin"] == ["B0"] and query["stats"] == ["90"] and query["days"] == ["30"] and query["history"] == ["1"]
+    assert query["asin"] == ["B00EXAMPLE"] and query["stats"] == ["90"] and query["days"] == ["30"] and query["history"] == ["1"]
     stub.script("product", Reply(400, envelope(error={"type": "invalidParameter", "message": "bad"}), gzip=True))
     with pytest.raises(KeepaRequestError) as err:
-        client(stub.url).products(["B0"])
+        client(stub.url).products(["B00EXAMPLE"])
     assert err.value.error_type == "invalidParameter"
 
 
 def test_deals_sends_selection_and_returns_the_dr_list(stub):
-    stub.script("deal", Reply(200, envelope(tokensConsumed=5, deals={"dr": [{"asin": "A1"}], "categoryIds": [1]})))
+    stub.script("deal", Reply(200, envelope(tokensConsumed=5, deals={"dr": [{"asin": "B0000000A1"}], "categoryIds": [1]})))
     page = client(stub.url).deals({"priceTypes": [0]}, page=3)
-    assert page.deals == [{"asin": "A1"}] and page.raw["categoryIds"] == [1]
+    assert page.deals == [{"asin": "B0000000A1"}] and page.raw["categoryIds"] == [1]
     assert '"page":3' in stub.requests[0][1]["selection"][0]
     assert '"domainId":1' in stub.requests[0][1]["selection"][0]
 

@@ -390,6 +390,9 @@ def run(db_path, *args):
 
 
 def test_leases_json_is_an_empty_list_on_a_new_file(tmp_path):
+    from ingest.store import open_db
+
+    open_db(tmp_path / "x.db").close()  # a new, empty database (a missing one is exit 4)
     result = subprocess.run([INGEST, "--db", str(tmp_path / "x.db"), "leases", "--json"], capture_output=True, text=True)
     assert result.returncode == 0 and json.loads(result.stdout) == []
 

@@ -35,6 +35,9 @@ def ingest(db_path, *args, env_key=True, base_url=None):
 
 
 def test_tokens_before_any_call_says_so(db_path):
+    from ingest.store import open_db
+
+    open_db(db_path).close()  # a new, empty database (a missing one is exit 4)
     r = ingest(db_path, "tokens")
     assert r.returncode == 0 and "no token ledger yet" in r.stdout
     data = json.loads(ingest(db_path, "tokens", "--json").stdout)

@@ -148,6 +148,9 @@ def test_reads_program_states_from_a_real_supervisord(supervisord):
 
 @pytest.mark.slow
 def test_status_names_the_program_that_is_down(supervisord, tmp_path):
+    from ingest.store import open_db
+
+    open_db(tmp_path / "x.db").close()  # status reads an existing database (a missing one is exit 4)
     done = subprocess.run([INGEST, "--db", str(tmp_path / "x.db"), "status", "--json", "--supervisor-conf",
                            str(supervisord)], capture_output=True, text=True, timeout=60)
     state = json.loads(done.stdout)
@@ -175,7 +178,9 @@ def test_exit_code_follows_the_verdict(monkeypatch, tmp_path, verdict, code):
     monkeypatch.setattr(status_module, "assess_health", lambda conn, **kw: HealthReport(verdict, problems, [check]))
     monkeypatch.setenv("INGEST_SUPERVISOR_CONF", str(tmp_path / "none.conf"))
     runner = CliRunner()
+    from ingest.store import open_db
 
+    open_db(tmp_path / "x.db").close()  # status reads an existing database (a missing one is exit 4)
     screen = runner.invoke(main, ["--db", str(tmp_path / "x.db"), "status"])
     assert screen.exit_code == code, screen.output
     if verdict != "healthy":

@@ -14,7 +14,7 @@ from ..config import load_config
 from ..errors import IngestError
 from ..logs import redact
 from ..settings import Settings, load_settings
-from ..store import open_db, resolve_db_path
+from ..store import open_db, require_database, resolve_db_path
 
 COMMAND_MODULES = [  # one module per line
     "config",
@@ -62,9 +62,10 @@ class App:
         return resolve_db_path(self.db_option, self.config)
 
     def db(self) -> sqlite3.Connection:
-        """The database, migrated (a newer schema is refused with one line)."""
+        """The existing database, migrated (a newer schema is refused with one line). A path
+        naming no file is a StoreError (exit 4): no command but a worker creates a database."""
         if self._conn is None:
-            self._conn = open_db(self.db_path)
+            self._conn = open_db(require_database(self.db_path))
         return self._conn
 
 

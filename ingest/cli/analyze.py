@@ -9,6 +9,7 @@ import click
 
 from ..analytics import AnalyticsParams, evaluate_deal, explain
 from ..clock import SYSTEM_CLOCK
+from ..envelope import Unacceptable, loads, unbounded
 from ..errors import EXIT_CONFIG, IngestError
 
 
@@ -31,9 +32,16 @@ def read_products(source: str) -> list[dict]:
         reason = getattr(e, "strerror", None) or str(e)
         raise InputFileError(f"cannot read {name}: {reason}") from None
     try:
-        data = json.loads(text)
+        data = loads(text)  # bounded numbers and nesting: a hostile file is one line, not a traceback
     except json.JSONDecodeError as e:
         raise IngestError(f"{name} is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except Unacceptable as e:
+        raise IngestError(f"{name} is not acceptable JSON: {e}") from None
+    except ValueError:  # Python's own limit on integer digits
+        raise IngestError(f"{name} is not JSON (a number of thousands of digits?)") from None
+    problem = unbounded(data)
+    if problem is not None:
+        raise IngestError(f"{name} is not acceptable JSON: {problem}")
     return _products_of(data, name)
 
 

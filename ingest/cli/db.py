@@ -4,7 +4,7 @@ import time
 
 import click
 
-from ..store import connect, latest_version, migrate, schema_version, size_text
+from ..store import connect, latest_version, migrate, require_database, schema_version, size_text
 
 
 @click.group("db")
@@ -28,7 +28,7 @@ def migrate_command(app):
 @click.pass_obj
 def version_command(app):
     """Print the schema version of the database (and the newest this ingest knows)."""
-    conn = connect(app.db_path)
+    conn = connect(require_database(app.db_path))
     click.echo(f"{schema_version(conn)} (latest {latest_version()})")
 
 
@@ -37,7 +37,7 @@ _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable o
 
 @db_group.command("backup")
 @click.argument("dest", required=False, metavar="[DEST]")
-@click.option("--keep", type=click.IntRange(min=1), metavar="N", help="Then delete the oldest ingest-*.db in that folder beyond N.")
+@click.option("--keep", type=click.IntRange(1, 100_000), metavar="N", help="Then delete the oldest ingest-*.db in that folder beyond N.")
 @_json
 @click.pass_obj
 def backup_command(app, dest, keep, as_json):

@@ -8,7 +8,8 @@ from .. import deals as store_deals
 
 @click.group("deals", invoke_without_command=True)
 @click.option("--status", type=click.Choice(store_deals.STATUSES), help="Only deals with this status.")
-@click.option("--limit", type=int, default=50, show_default=True, help="At most this many (0: all).")
+@click.option("--limit", type=click.IntRange(0, 10_000_000), default=50, show_default=True,
+              help="At most this many (0: all).")
 @click.option("--json", "as_json", is_flag=True, help="A JSON list of deal objects.")
 @click.pass_context
 def deals_group(ctx, status, limit, as_json):

@@ -5,6 +5,7 @@ import time
 import click
 
 from . import echo_json
+from ..asins import asin_argument
 from .deals import deals_group
 from ..errors import StoreError
 from ..supervisor import supervisor_states
@@ -22,7 +23,7 @@ def diagnose():
 
 
 @diagnose.command("asin")
-@click.argument("asin")
+@click.argument("asin", type=asin_argument)
 @click.option("--fetch", is_flag=True, help="Fetch the product from Keepa afresh (costs tokens, through the ledger).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
@@ -74,7 +75,7 @@ def print_report(result: HealthReport) -> None:
 
 
 @diagnose.command("stall")
-@click.option("--stall-minutes", type=float, default=None,
+@click.option("--stall-minutes", type=click.FloatRange(min=0.1, max=7 * 24 * 60), default=None,
               help="No progress for this long while holding a lease is a stall (default: [health] stall_minutes, 10).")
 @click.option("--supervisor-conf", metavar="PATH", help="supervisord config (default: supervisor.d/supervisord.conf).")
 @click.option("--json", "as_json", is_flag=True)
@@ -153,7 +154,8 @@ def deals_stats(app, since, as_json):
 
 @deals_group.command("rejections")
 @click.option("--since", "since", default="1h", show_default=True, help="Window: 30m, 1h, 2d ...")
-@click.option("--limit", type=int, default=20, show_default=True, help="Latest rows to list.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=20, show_default=True,
+              help="Latest rows to list.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def deals_rejections(app, since, limit, as_json):

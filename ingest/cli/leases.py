@@ -57,7 +57,7 @@ def leases(ctx, as_json):
 
 @leases.command("history")
 @click.argument("name", required=False)
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1), help="Last N events.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1_000_000), help="Last N events.")
 @click.option("--json", "as_json", is_flag=True, help="A JSON list instead of a table.")
 @click.pass_obj
 def history(app, name, limit, as_json):

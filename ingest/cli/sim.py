@@ -60,12 +60,12 @@ def _keys(ctx, param, value):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on (0 = any free port; the URL printed says which).")
-@click.option("--refill-rate", default=300, show_default=True, type=click.IntRange(0),
+@click.option("--refill-rate", default=300, show_default=True, type=click.IntRange(0, 10**6),
               help="Tokens added per minute (one tick a minute); the cap is 60 x this.")
-@click.option("--start-tokens", type=int, default=None, help="Balance at start (may be negative). [default: the cap]")
-@click.option("--token-flow-reduction", type=float, default=0.0, show_default=True,
+@click.option("--start-tokens", type=click.IntRange(-10**9, 10**9), default=None, help="Balance at start (may be negative). [default: the cap]")
+@click.option("--token-flow-reduction", type=click.FloatRange(0, 10**6), default=0.0, show_default=True,
               help="Value reported as tokenFlowReduction in every envelope.")
-@click.option("--seed", default=1, show_default=True, type=int, help="Catalogue and fault seed (same seed, same products).")
+@click.option("--seed", default=1, show_default=True, type=click.IntRange(0, 2**63 - 1), help="Catalogue and fault seed (same seed, same products).")
 @click.option("--products", default=5000, show_default=True, type=click.IntRange(1, 10_000_000),
               help="Catalogue size (products are generated lazily).")
 @click.option("--keys", default=None, metavar="K1,K2",
@@ -85,6 +85,14 @@ def _keys(ctx, param, value):
               help="Share of calls answered 200 with a truncated JSON body (charged).")
 @click.option("--fault-no-history", type=float, default=0.0, show_default=True, callback=_share, metavar="P",
               help="Share of products returned with csv and stats null (charged).")
+@click.option("--fault-drip", type=float, default=0.0, show_default=True, callback=_share, metavar="P",
+              help="Share of calls whose body trickles out over --drip-s (charged).")
+@click.option("--drip-s", type=click.FloatRange(0, 3600), default=60.0, show_default=True,
+              help="How long a drip-fed body takes (longer than the client's deadline_s).")
+@click.option("--fault-redirect", type=float, default=0.0, show_default=True, callback=_share, metavar="P",
+              help="Share of calls answered 302 to --redirect-to, another host (cost 0).")
+@click.option("--redirect-to", default="http://127.0.0.2:9/elsewhere", show_default=True, metavar="URL",
+              help="Where the redirect fault points.")
 @click.option("--force-429", default=None, metavar="START:DURATION", callback=_pair(float, float, "START:DURATION seconds"),
               help="Refuse every call with 429 from START to START+DURATION seconds after start.")
 @click.option("--rate-change", default=None, metavar="AT:RATE", callback=_pair(float, int, "AT_SECONDS:RATE"),
@@ -115,7 +123,9 @@ def sim_command(verbose, **options):
         expired_keys=options["expired_keys"] or (), fault_500=options["fault_500"],
         fault_slow=options["fault_slow"], slow_s=options["slow_s"], fault_timeout=options["fault_timeout"],
         timeout_s=options["timeout_s"], fault_malformed=options["fault_malformed"],
-        fault_no_history=options["fault_no_history"], force_429_window=options["force_429"],
+        fault_no_history=options["fault_no_history"], fault_drip=options["fault_drip"], drip_s=options["drip_s"],
+        fault_redirect=options["fault_redirect"], redirect_to=options["redirect_to"],
+        force_429_window=options["force_429"],
         rate_change=options["rate_change"], deal_update_per_min=options["deal_updates_per_min"],
         deal_new_per_min=options["deal_new_per_min"], deal_share=options["deal_share"],
         deal_cache_s=options["deal_cache_s"],

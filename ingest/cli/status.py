@@ -177,7 +177,7 @@ def show(state: dict) -> None:
 
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable: verdict, problems and everything shown.")
-@click.option("--stall-minutes", type=click.FloatRange(min=0.1),
+@click.option("--stall-minutes", type=click.FloatRange(min=0.1, max=7 * 24 * 60),
               help="A worker holding its lease without committing for this long is stalled (default: [health] stall_minutes, 10).")
 @click.option("--supervisor-conf", metavar="PATH",
               help="supervisord config (else $INGEST_SUPERVISOR_CONF, ./supervisor.d/supervisord.conf).")

@@ -111,7 +111,8 @@ def tokens(ctx, as_json):
 
 
 @tokens.command("history")
-@click.option("--limit", default=50, show_default=True, help="How many calls, newest first.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="How many calls, newest first.")
 @click.option("--worker", help="Only this worker's calls.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj

@@ -31,6 +31,8 @@ class Reply:
     payload: dict
     delay_s: float = 0.0
     truncate: bool = False  # the malformed-JSON fault
+    drip_s: float = 0.0     # the drip fault: the body takes this long to send
+    location: str | None = None  # the redirect fault: a 302 to here
 
 
 class BadRequest(Exception):
@@ -126,10 +128,13 @@ class SimApp:
         fault = self.faults.draw_request_fault()
         if fault == "500":
             return self._error(500, "internalServerError", "injected server error", started)
+        if fault == "redirect":
+            return Reply(302, {}, location=self.cfg.redirect_to)
         cost, payload = call()
         self.bucket.charge(cost)
         return Reply(200, {**self.envelope(cost, started), **payload},
-                     delay_s=self.faults.delay_for(fault), truncate=fault == "malformed")
+                     delay_s=self.faults.delay_for(fault), truncate=fault == "malformed",
+                     drip_s=self.faults.settings["drip_s"] if fault == "drip" else 0.0)
 
     def _refuse(self, started: float) -> Reply:
         with self._lock:

@@ -34,6 +34,10 @@ class SimConfig:
     timeout_s: float = 30.0  # longer than any sane client timeout
     fault_malformed: float = 0.0
     fault_no_history: float = 0.0  # share of products returned with csv = null
+    fault_drip: float = 0.0        # charged, then the body trickles out over drip_s
+    drip_s: float = 60.0           # longer than a client's [keepa] deadline_s (30 s)
+    fault_redirect: float = 0.0    # a 302 to redirect_to (another host): costs nothing
+    redirect_to: str = "http://127.0.0.2:9/elsewhere"
     force_429_window: tuple[float, float] | None = None  # (start_s after start, duration_s)
     force_429: tuple[float, float] | None = None  # alias of force_429_window
     rate_change: tuple[float, int] | None = None  # (at_s after start, new refill rate)
@@ -55,7 +59,8 @@ class SimConfig:
 
     def validate(self) -> None:
         """Raise ValueError with one line on a setting that cannot work."""
-        for name in ("fault_500", "fault_slow", "fault_timeout", "fault_malformed", "fault_no_history", "deal_share"):
+        for name in ("fault_500", "fault_slow", "fault_timeout", "fault_malformed", "fault_no_history", "fault_drip",
+                     "fault_redirect", "deal_share"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}")
@@ -65,7 +70,7 @@ class SimConfig:
             raise ValueError("products must be between 1 and 10,000,000")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be between 0 and 65535")
-        if self.slow_s < 0 or self.timeout_s < 0:
-            raise ValueError("slow_s and timeout_s must be >= 0")
+        if self.slow_s < 0 or self.timeout_s < 0 or self.drip_s < 0:
+            raise ValueError("slow_s, timeout_s and drip_s must be >= 0")
         if self.deal_update_per_min <= 0 or self.deal_new_per_min <= 0:
             raise ValueError("deal rates must be > 0")

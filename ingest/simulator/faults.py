@@ -6,6 +6,10 @@ token check), at most one of these is drawn, in this order:
 - "timeout": the call is processed and charged like a real one, but the answer is held for
   timeout_s (longer than a client waits), so the client pays tokens and hears nothing.
 - "malformed": the call is processed and charged; the body (200) is cut in half.
+- "redirect": HTTP 302 to redirect_to (another host); costs nothing. A client that follows it
+  hands the key to that host.
+- "drip": the call is processed and charged; the body trickles out over drip_s (longer than a
+  client's deadline), a piece every half second.
 - "slow": the call is processed and charged; the answer comes after slow_s.
 Per product returned by /product:
 - "no_history": the product comes back with csv = null and stats = null (the partial-data
@@ -16,10 +20,11 @@ A forced 429 window refuses every call in it (cost 0) whatever the balance.
 import random
 import threading
 
-REQUEST_FAULTS = ("500", "timeout", "malformed", "slow")
+REQUEST_FAULTS = ("500", "redirect", "timeout", "malformed", "drip", "slow")
 FAULT_KINDS = (*REQUEST_FAULTS, "no_history", "forced_429")
-SHARE_FIELDS = ("fault_500", "fault_slow", "fault_timeout", "fault_malformed", "fault_no_history")
-SECONDS_FIELDS = ("slow_s", "timeout_s")
+SHARE_FIELDS = ("fault_500", "fault_slow", "fault_timeout", "fault_malformed", "fault_no_history", "fault_drip",
+                "fault_redirect")
+SECONDS_FIELDS = ("slow_s", "timeout_s", "drip_s")
 
 
 class Faults:
@@ -84,8 +89,9 @@ class Faults:
     def draw_request_fault(self) -> str | None:
         s = self.settings
         with self._lock:
-            for kind, share in (("500", s["fault_500"]), ("timeout", s["fault_timeout"]),
-                                ("malformed", s["fault_malformed"]), ("slow", s["fault_slow"])):
+            for kind, share in (("500", s["fault_500"]), ("redirect", s["fault_redirect"]),
+                                ("timeout", s["fault_timeout"]), ("malformed", s["fault_malformed"]),
+                                ("drip", s["fault_drip"]), ("slow", s["fault_slow"])):
                 if share and self._rng.random() < share:
                     self.counts[kind] += 1
                     return kind

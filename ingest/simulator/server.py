@@ -22,6 +22,8 @@ log = logging.getLogger("ingest.simulator")
 MAX_BODY = 1 << 20
 
 
+DRIP_EVERY_S = 0.5  # the drip fault sends a piece of the body this often
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -74,17 +76,36 @@ class _Handler(BaseHTTPRequestHandler):
         gzipped = "gzip" in (self.headers.get("Accept-Encoding") or "").lower()
         if gzipped:
             data = gzip.compress(data, compresslevel=5)
+        if reply.location is not None:
+            data, gzipped = b"", False
         try:
             self.send_response(reply.status)
             self.send_header("Content-Type", "application/json;charset=UTF-8")
+            if reply.location is not None:
+                self.send_header("Location", reply.location)
             if gzipped:
                 self.send_header("Content-Encoding", "gzip")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if reply.drip_s:
+                self._drip(data, reply.drip_s)
+            else:
+                self.wfile.write(data)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up (e.g. the timeout fault)
+
+    def _drip(self, data: bytes, seconds: float) -> None:
+        """Send `data` in pieces every DRIP_EVERY_S so that the whole takes `seconds`."""
+        pieces = max(1, int(seconds / DRIP_EVERY_S))
+        size = max(1, -(-len(data) // pieces))
+        stop = self.server.simulator.stop_event
+        for start in range(0, len(data), size):
+            self.wfile.write(data[start:start + size])
+            self.wfile.flush()
+            if stop.wait(DRIP_EVERY_S):
+                self.close_connection = True
+                return
 
     def log_message(self, fmt, *args):  # the URL carries the key: redact, and only at debug
         log.debug(redact(fmt % args))

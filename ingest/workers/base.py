@@ -6,6 +6,9 @@ The process lifecycle (`Worker.run()`, private to this module):
   Every IngestError ends it with its own `exit_code` (3 config, 4 database, 5 lease lost).
   A lost lease stops the loop at once; the fenced commit refuses any write from a process
   that no longer holds the lease, so a late write can never land.
+  The database path must keep naming the file opened (device and inode, checked every renew_s
+  and before each fenced commit): deleted or replaced, the worker stops with exit 4 and writes
+  nothing more, its lease release included (the write would land in another file, or create one).
 
 The batch API subclasses call from `step()`: `fetch_products`, `commit_batch` (a product
 batch), `commit_page` (a listing page), `commit` (any other fenced write) and `tally`.
@@ -29,11 +32,11 @@ from ..calllog import spend_by_worker
 from ..clock import SYSTEM_CLOCK
 from ..db_source import claim, source_of
 from ..errors import EXIT_MEANINGS, EXIT_OK, ConfigError, DiskFull, IngestError
-from ..keepa import MalformedResponse, TransientError
+from ..keepa import MalformedResponse, TransientError, check_query_domain
 from ..leases import Lease, LeaseLost, LeaseTiming
 from ..metered import Stopped, keepa_settings, open_keepa
 from ..settings import setting, worker_settings
-from ..store import open_db, transaction
+from ..store import DatabaseReplaced, FileIdentity, check_same_file, open_db, transaction
 
 log = logging.getLogger("ingest.worker")
 
@@ -118,6 +121,8 @@ class Worker:
     """Base class: subclasses set `name` and implement `step()` (and `pass_done()` for --once)."""
 
     name = "worker"
+    query: dict | None = None    # the deal query, set by setup() (its domainId is checked at start)
+    domain: int | None = None    # [keepa] domain, stamped on the deals written (deals.domain)
 
     def __init__(self, db_path, config: dict, *, once: bool = False, clock=SYSTEM_CLOCK,
                  stop: threading.Event | None = None, keepa=None):
@@ -138,6 +143,8 @@ class Worker:
         self._last_progress_log = 0.0
         self._tally_started = clock.monotonic()
         self._tally_started_wall = clock.wall()
+        self._opened: FileIdentity | None = None
+        self._replaced: DatabaseReplaced | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -149,13 +156,17 @@ class Worker:
         except Stopped:
             # the stop event is also set when the lease is lost: that is not a clean stop, and
             # supervisord must restart the worker (exit 5), not leave it EXITED (exit 0)
+            if self._replaced is not None:
+                return self._failed(self._replaced)
             if self.lease is not None and self.lease.wait_lost(0):
                 return self._failed(LeaseLost(f"lease {self.name!r} lost while waiting"))
             return self._stopped()
         except IngestError as e:
             return self._failed(e)
         finally:
-            if self.lease is not None:
+            if self.lease is not None and self._replaced is not None:
+                self.lease.abandon()
+            elif self.lease is not None:
                 try:
                     self.lease.release()
                 except Exception as e:  # the process is ending; say so, do not mask the exit code
@@ -163,9 +174,12 @@ class Worker:
 
     def _hold_lease_and_work(self) -> int:
         self.conn = open_db(self.db_path)
+        self._opened = FileIdentity.of(self.db_path)
         self.setup()
         if self._keepa is None:
             keepa = keepa_settings(self.config)  # a missing key fails here, before the lease is taken
+            check_query_domain(self.query, keepa.domain)  # one marketplace per query: exit 3 at start
+            self.domain = keepa.domain
             claim(self.conn, source_of(keepa), self.db_path, self.clock.wall())  # one database, one source
         self.lease = Lease(self.db_path, self.name, self.lease_timing, clock=self.clock)
         self._note_waiting_for_lease()
@@ -174,6 +188,7 @@ class Worker:
             return EXIT_OK  # stopped while waiting: the progress row is the holder's, not ours
         self.lease.start_heartbeat()
         threading.Thread(target=self._stop_on_loss, daemon=True, name="lease-watch").start()
+        threading.Thread(target=self._watch_database, daemon=True, name="database-watch").start()
         log.info("holding lease %r with fence %d", self.name, self.lease.fence)
         self._set_state("working", pid=os.getpid(), fence=self.lease.fence, started_at=self.clock.wall())
         if self._keepa is None:
@@ -193,6 +208,8 @@ class Worker:
     def _failed(self, error: IngestError) -> int:
         """A fatal error: one log line, the state, and the error's own exit code (Keepa's
         400/402/405 are configuration errors: retrying cannot help)."""
+        if isinstance(error, DatabaseReplaced):
+            self._replaced = self._replaced or error
         code = error.exit_code
         log.error("%s: %s", EXIT_MEANINGS.get(code, "error"), error)
         self._set_state("lost" if isinstance(error, LeaseLost) else "error", last_error=str(error))
@@ -200,6 +217,7 @@ class Worker:
 
     def _loop(self) -> int:
         while not self.stop.is_set():
+            self._check_database()
             self.lease.check()
             try:
                 worked = self.step()
@@ -219,6 +237,7 @@ class Worker:
             if not worked:
                 self._set_state("idle")
                 self.clock.sleep(self.idle_wait_s(), self.stop)
+        self._check_database()  # stopped because the file went away: exit 4
         self.lease.check()  # stopped because the lease was lost: exit 5, not 0
         return self._stopped()
 
@@ -230,6 +249,29 @@ class Worker:
     def _stop_on_loss(self):
         self.lease.wait_lost()
         self.stop.set()
+
+    def _watch_database(self):
+        """At each heartbeat (renew_s): does the path still name the file we opened? If not,
+        stop (the loop then exits 4). Real time, like the file it watches (an injected clock
+        would be advanced by this loop)."""
+        while not self.stop.wait(self.lease_timing.renew_s):
+            try:
+                self._check_database()
+            except DatabaseReplaced:
+                self.stop.set()
+                return
+
+    def _check_database(self) -> None:
+        """DatabaseReplaced (and remembered) once the path names another file, or none."""
+        if self._replaced is not None:
+            raise self._replaced
+        if self._opened is None:
+            return
+        try:
+            check_same_file(self.db_path, self._opened)
+        except DatabaseReplaced as e:
+            self._replaced = e
+            raise
 
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
@@ -284,8 +326,8 @@ class Worker:
 
     def _set_state(self, state: str, counters: dict | None = None, **fields) -> None:
         """Progress that is not part of a batch (state changes, errors): not fenced, so a
-        process that lost its lease can still say so."""
-        if self.conn is None:
+        process that lost its lease can still say so. Nothing once the file was replaced."""
+        if self.conn is None or self._replaced is not None:
             return
         try:
             with transaction(self.conn):
@@ -348,8 +390,9 @@ class Worker:
         """A fenced transaction: (conn, WriteContext). Raises LeaseLost (and writes nothing)
         when this process no longer holds the lease with its fencing token. Keep CPU work
         out of it: the other worker's heartbeat and token reservations wait for it."""
+        self._check_database()
         with self.lease.fenced(self.conn) as conn:
-            ctx = store_deals.WriteContext(self.name, self.lease.fence, self.clock.wall(), source)
+            ctx = store_deals.WriteContext(self.name, self.lease.fence, self.clock.wall(), source, self.domain)
             yield conn, ctx
             store_deals.note_fenced_commit(conn, ctx, self.name, os.getpid(), what)
 
