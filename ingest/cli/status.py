@@ -9,7 +9,7 @@ from datetime import datetime
 import click
 
 from ..errors import EXIT_BY_VERDICT
-from ..health import assess_health, with_other_programs
+from ..health import system_report
 from ..supervisor import describe_exit, probe
 from . import echo_table
 from .leases import _duration
@@ -47,8 +47,7 @@ def gather(app, *, stall_minutes: float, supervisor_conf: str | None, now: float
     conn = app.db()
     leases = lease_rows(conn, now)
     programs = view.programs if view.running else None
-    report = assess_health(conn, now=now, supervisor=programs, stall_minutes=stall_minutes, config=app.config)
-    assessment = with_other_programs(report, programs).to_json()
+    assessment = system_report(conn, programs, now=now, stall_minutes=stall_minutes, config=app.config).to_json()
     return {
         "verdict": assessment["verdict"],
         "problems": assessment["problems"],
