@@ -132,7 +132,9 @@ def problems_of(report: HealthReport, programs: dict | None = None) -> tuple[Pro
 
 def compose(kind: str, verdict: str | None, previous: str | None, problems: tuple[Problem, ...], *,
             host: str, database: str, at: float, since: float | None = None, note: str = "") -> Message:
-    """The message, with a one-paragraph `text` that reads well in a chat channel."""
+    """The message, with a one-paragraph `text` that reads well in a chat channel. Every text
+    is redacted (the Keepa key, any registered secret)."""
+    problems = tuple(Problem(p.check, p.verdict, redact(p.detail), redact(p.next_step)) for p in problems)
     if kind == "recovered":
         lasted = f" after {ago(at - since)}" if since is not None else ""
         text = f"ingest on {host} has recovered: healthy again{lasted} (was {previous})."
