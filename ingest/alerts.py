@@ -145,7 +145,8 @@ def compose(kind: str, verdict: str | None, previous: str | None, problems: tupl
     else:
         still = f"still {verdict}" if kind == "repeat" else f"{verdict}"
         lasted = f" for {ago(at - since)}" if kind == "repeat" and since is not None else ""
-        text = f"ingest on {host} is {still.upper() if kind != 'repeat' else still}{lasted} (was {previous})."
+        was = f" (was {previous})" if previous else " (first verdict since the watchdog started)"
+        text = f"ingest on {host} is {still.upper() if kind != 'repeat' else still}{lasted}{was}."
         if problems:
             text += " " + " ".join(f"{p.check}: {p.detail}." for p in problems[:4])
             if len(problems) > 4:
@@ -370,82 +371,102 @@ def failed_deliveries(conn, since: float) -> list[dict]:
 
 
 class Outbox:
-    """Messages in, deliveries out, on a thread of its own: `put()` never blocks the caller.
-    Each message is recorded (retried while the database is locked), then sent to every channel."""
+    """Messages in, deliveries out: `put()` never blocks the caller. One thread sends each message
+    to every channel (retries with backoff); a second records the message, its deliveries and
+    any row that goes with it, retrying while the database is locked. A foreign holder of the
+    write lock is exactly when an alert matters: it is sent at once and recorded once the lock
+    is free, and the messages after it are not held up."""
+
+    RECORD_TRIES = 120   # ~ 10 minutes of a locked database (busy timeout + 1 s apart)
 
     def __init__(self, connect, channels: list, settings: AlertSettings, *, sleep=time.sleep):
         self._connect = connect
         self.channels = channels
         self.settings = settings
         self._sleep = sleep
-        self._queue: queue.Queue = queue.Queue()
+        self._outgoing: queue.Queue = queue.Queue()
+        self._records: queue.Queue = queue.Queue()
         self.stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="alerts-outbox")
+        self._sender = threading.Thread(target=self._send_loop, daemon=True, name="alerts-send")
+        self._recorder = threading.Thread(target=self._record_loop, daemon=True, name="alerts-record")
         self._conn = None
 
     def start(self) -> "Outbox":
-        self._thread.start()
+        self._sender.start()
+        self._recorder.start()
         return self
 
-    def put(self, message: Message) -> None:
-        self._queue.put(message)
+    def put(self, message: Message, record=None) -> None:
+        """Queue a message; `record(conn)`, if given, is written in the same transaction as the
+        message's rows (the watchdog's action row: its loop never writes to the database)."""
+        self._outgoing.put((message, record))
 
     def close(self, timeout: float = 5.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
+        self._outgoing.put(None)
+        self._sender.join(timeout)
+        self._recorder.join(timeout)
         self.stop.set()
 
     def drain(self, timeout: float = 30.0) -> None:
-        """Wait until everything queued so far is delivered (tests, `ingest alerts test`)."""
+        """Wait until everything queued so far is sent and recorded (tests, `ingest alerts test`)."""
         done = threading.Event()
-        self._queue.put(done)
+        self._outgoing.put(done)
         done.wait(timeout)
 
-    def _run(self) -> None:
+    def _send_loop(self) -> None:
         while True:
-            item = self._queue.get()
+            item = self._outgoing.get()
+            if item is None or isinstance(item, threading.Event):
+                self._records.put(item)   # in order: set (or stop) once the records before it are written
+                if item is None:
+                    return
+                continue
+            message, record = item
+            try:
+                log.info("alert %s: %s", message.kind, message.text)
+                deliveries = [(deliver(channel, message, self.settings.attempts, self.settings.backoff_s,
+                                       self._sleep, self.stop), time.time()) for channel in self.channels]
+            except Exception as e:  # the outbox must outlive any one message
+                log.error("could not send alert %s: %s", message.kind, redact(str(e)))
+                deliveries = []
+            self._records.put((message, record, deliveries))
+
+    def _record_loop(self) -> None:
+        while True:
+            item = self._records.get()
             if item is None:
                 return
             if isinstance(item, threading.Event):
                 item.set()
                 continue
-            try:
-                self._handle(item)
-            except Exception as e:  # the outbox must outlive any one message
-                log.error("could not handle alert %s: %s", item.kind, redact(str(e)))
+            self._with_db(lambda conn: write_records(conn, *item))
 
-    def _handle(self, message: Message) -> None:
-        """Sent first, recorded after: a message goes out even while the database is locked."""
-        log.info("alert %s: %s", message.kind, message.text)
-        deliveries = [(deliver(channel, message, self.settings.attempts, self.settings.backoff_s, self._sleep,
-                               self.stop), time.time()) for channel in self.channels]
-
-        def write(conn):
-            with transaction(conn):
-                message_id = insert_message(conn, message)
-                for delivery, at in deliveries:
-                    record_delivery(conn, message_id, message, delivery, at)
-
-        self._with_db(write)
-
-    def _with_db(self, write, tries: int = 30):
-        """A write, retried while the database is locked (a foreign holder of the write lock is
-        exactly when an alert matters: it is still sent, and recorded once the lock is free)."""
+    def _with_db(self, write):
         import sqlite3
 
         from .errors import IngestError
 
-        for attempt in range(tries):
+        for attempt in range(self.RECORD_TRIES):
             try:
                 if self._conn is None:
                     self._conn = self._connect()
                 return write(self._conn)
             except (sqlite3.Error, IngestError) as e:
-                if attempt == tries - 1:
+                if attempt == self.RECORD_TRIES - 1 or self.stop.is_set():
                     log.error("could not record an alert: %s", e)
                     return None
                 self._sleep(1.0)
         return None
+
+
+def write_records(conn, message: Message, record, deliveries: list) -> None:
+    """One transaction: the row that goes with the message (an action), the message, its deliveries."""
+    with transaction(conn):
+        if record is not None:
+            record(conn)
+        message_id = insert_message(conn, message)
+        for delivery, at in deliveries:
+            record_delivery(conn, message_id, message, delivery, at)
 
 
 def host_name() -> str:

@@ -35,7 +35,7 @@ from .health import system_report
 from .lease_table import lease_rows
 from .procinfo import command_line, parent_pid, process_state
 from .settings import setting
-from .store import open_db, transaction
+from .store import open_db
 from .supervisor import probe
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,8 @@ def decide(children: list[Child], leases: list[HeldLease], lock: LockSeen | None
         child = ours.get(lease.pid)
         if child is None or lease.pid in actions or lease.heartbeat_age is None:
             continue
+        if lock is not None and lock.pid != lease.pid:
+            continue  # it cannot renew while another holds the write lock: that one is the cause
         if lease.heartbeat_age > lease.ttl_s:
             actions[lease.pid] = Action("kill_hung", lease.pid, child.program,
                                         f"{child.program} (pid {lease.pid}) holds lease {lease.name} but renewed it"
@@ -291,33 +293,32 @@ class Watcher:
             outcome = self.kill(action.pid, self.supervisor_conf) if action.signal else None
             if action.action == "alert_foreign_lock":
                 self.lock = LockSeen(self.lock.pid, self.lock.since, self.lock.cmdline, reported=True)
-            self._record(conn, action, now, outcome)
+            self._record(action, now, outcome)
         return actions
 
-    def _record(self, conn, action: Action, now: float, outcome: str | None) -> None:
+    def _record(self, action: Action, now: float, outcome: str | None) -> None:
         reason = action.reason + (f" ({outcome})" if outcome else "")
         if action.signal and outcome is None:
             reason += ": killed (SIGKILL); supervisord restarts it"
         log.warning("watchdog %s: %s", action.action, reason)
-        try:
-            with transaction(conn):
-                conn.execute("INSERT INTO watch_actions (at, action, reason, pid, program, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                             (now, action.action, reason, action.pid, action.program, action.detail or None))
-        except Exception as e:  # the database may be the very thing that is locked: still alert
-            log.error("could not record the action: %s", e)
-        note = reason + (f" Command line: {action.detail}." if action.detail else "")
+
+        def record(conn):  # written by the outbox: the database may be the very thing that is locked
+            conn.execute("INSERT INTO watch_actions (at, action, reason, pid, program, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                         (now, action.action, reason, action.pid, action.program, action.detail or None))
+
+        note = reason + (f". Command line: {action.detail}" if action.detail else "")
         self.outbox.put(compose("action", None, None, (), host=host_name(), database=str(self.db_path), at=now,
-                                note=note))
+                                note=note), record)
 
     def _alert(self, report, programs, now: float) -> None:
         before = self.alert_state
         self.alert_state, kind = advance(before, report.verdict, now, self.alert_settings)
         if kind is None:
             return
-        previous = before.reported if kind != "repeat" else before.reported
+        previous = before.reported
         problems = problems_of(report, programs) if kind != "recovered" else ()
         since = before.since if kind in ("recovered", "repeat") else None
-        self.outbox.put(compose(kind, report.verdict, previous or "unknown", problems, host=host_name(),
+        self.outbox.put(compose(kind, report.verdict, previous, problems, host=host_name(),
                                 database=str(self.db_path), at=now, since=since))
 
 
