@@ -361,6 +361,12 @@ def recent_alerts(conn, limit: int = 20) -> list[dict]:
     return messages
 
 
+def last_message(conn) -> dict | None:
+    """The newest message with its deliveries (ingest status's alerts line)."""
+    found = recent_alerts(conn, 1)
+    return found[0] if found else None
+
+
 def failed_deliveries(conn, since: float) -> list[dict]:
     return [dict(r) for r in conn.execute(
         "SELECT at, kind, channel, target, attempts, error FROM alerts WHERE result = 'failed' AND at >= ?"

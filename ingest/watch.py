@@ -205,6 +205,12 @@ def decide(children: list[Child], leases: list[HeldLease], lock: LockSeen | None
 # ------------------------------------------------------------------ the I/O around it
 
 
+def last_action(conn) -> dict | None:
+    """The watchdog's newest action row (ingest status's watchdog line)."""
+    row = conn.execute("SELECT at, action, reason, pid, program FROM watch_actions ORDER BY id DESC LIMIT 1").fetchone()
+    return dict(row) if row else None
+
+
 def children_of(programs: dict[str, dict]) -> list[Child]:
     return [Child(name, p["pid"], p["state"], process_state(p["pid"]))
             for name, p in sorted(programs.items()) if p.get("pid")]
