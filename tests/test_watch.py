@@ -170,6 +170,36 @@ def test_listen_acknowledges_every_event_and_looks_on_ticks_and_unexpected_exits
     assert watcher.looks == 2   # the tick and the FATAL; not an expected exit, not RUNNING
 
 
+# ---------------------------------------------------------------- the 402 pause, one worker process
+
+
+@pytest.mark.slow
+def test_a_worker_paused_by_402_resumes_by_itself_and_loses_nothing(tmp_path, db_path):
+    from ingest.simulator import SimConfig, Simulator
+
+    from .workers_support import FAST_CONFIG, query, run_worker, scalar, worker_env
+
+    simulator = Simulator(SimConfig(port=0, refill_rate=6000, seed=7, products=1200,
+                                    force_402_window=(0.0, 4.0))).start()
+    try:
+        config = tmp_path / "ingest.toml"
+        config.write_text(FAST_CONFIG.replace("[worker]\n", "[worker]\npayment_retry_s = 0.5\n"))
+        env = worker_env(simulator.url, db_path, config)
+        result = run_worker("backfill", env, "--once", timeout=90)
+        stats = simulator.stats()
+    finally:
+        simulator.stop()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert stats["faults"]["forced_402"] >= 2   # the first call, and re-checks with /token
+    paused = [line for line in result.stderr.splitlines() if "paused: Keepa subscription inactive (402)" in line]
+    assert len(paused) == 1 and "re-checking with /token every 0.5 s" in paused[0]
+    assert "resuming" in result.stderr
+    stored = {a for (a,) in query(db_path, "SELECT asin FROM deals")}
+    assert stored == set(stats["listed_asins"])
+    assert scalar(db_path, "SELECT last_error FROM worker_progress WHERE worker = 'backfill'") == \
+        "paused: Keepa subscription inactive (402)"   # kept as the last error, with its time
+
+
 # ---------------------------------------------------------------- under a real supervisord
 
 pytestmark_e2e = [pytest.mark.slow,
