@@ -39,15 +39,26 @@ def holder(project: SupervisedProject) -> int | None:
     return row["holder_pid"] if row else None
 
 
-def one_round(project: SupervisedProject, sig: int, timeout: float) -> float:
+def killed_at(project: SupervisedProject, pid: int) -> float | None:
+    """When the watchdog killed `pid` (its watch_actions row, written once the kill is done)."""
+    rows = project.query("SELECT at FROM watch_actions WHERE pid = ? AND action = 'kill_stopped'", pid)
+    return rows[0][0] if rows else None
+
+
+def one_round(project: SupervisedProject, sig: int, timeout: float) -> tuple[float, float | None]:
+    """(seconds until a new holder, seconds until the watchdog's kill or None)."""
     states = project.wait_running(*WORKERS, "watch", timeout=60)
     pid = states["backfill"]["pid"]
     project.wait_held_by("backfill", pid, timeout=60)
-    began = time.monotonic()
+    began, wall = time.monotonic(), time.time()
     os.kill(pid, sig)
     try:
         project.wait(lambda: holder(project) not in (None, pid), timeout, "a new backfill holder", 0.05)
-        return time.monotonic() - began
+        took = time.monotonic() - began
+        if sig != signal.SIGSTOP:
+            return took, None
+        at = project.wait(lambda: killed_at(project, pid), 30, "the watchdog's action row", 0.1)
+        return took, at - wall
     finally:
         if sig == signal.SIGSTOP:
             try:
@@ -56,12 +67,13 @@ def one_round(project: SupervisedProject, sig: int, timeout: float) -> float:
                 pass
 
 
-def measure(project: SupervisedProject, sig: int, rounds: int, timeout: float) -> list[float]:
+def measure(project: SupervisedProject, sig: int, rounds: int, timeout: float) -> list[tuple[float, float | None]]:
     out = []
     for i in range(rounds):
-        took = one_round(project, sig, timeout)
-        out.append(took)
-        print(f"  {signal.Signals(sig).name} round {i + 1}: {took:.2f}s", flush=True)
+        took, kill = one_round(project, sig, timeout)
+        out.append((took, kill))
+        seen = f" (killed by the watchdog after {kill:.2f}s)" if kill is not None else ""
+        print(f"  {signal.Signals(sig).name} round {i + 1}: {took:.2f}s{seen}", flush=True)
         time.sleep(1.0)
     return out
 
@@ -88,11 +100,13 @@ def main(argv=None) -> int:
               f" bound for a stopped holder: TTL + 10s = {bound:g}s")
         stopped = measure(project, signal.SIGSTOP, args.rounds, timeout=bound + 30)
         killed = measure(project, signal.SIGKILL, args.rounds, timeout=bound + 30)
-        kills = project.query("SELECT count(*) FROM watch_actions WHERE action = 'kill_stopped'")[0][0]
+        load = os.getloadavg()[0]
         print()
-        print(summary("kill -STOP", stopped) + f"   within the bound: {sum(t < bound for t in stopped)}/{len(stopped)}")
-        print(summary("kill -9", killed))
-        print(f"watchdog kill_stopped actions recorded: {kills}")
+        took = [t for t, _ in stopped]
+        print(summary("kill -STOP", took) + f"   within the bound: {sum(t < bound for t in took)}/{len(took)}")
+        print(summary("  of which until the watchdog's kill", [k for _, k in stopped]))
+        print(summary("kill -9", [t for t, _ in killed]))
+        print(f"load average at the end: {load:.1f} ({os.cpu_count()} cores)")
     finally:
         project.close()
         sim.stop()

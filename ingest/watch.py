@@ -330,6 +330,7 @@ class Watcher:
 
 LOOK_ON = ("TICK_5", "PROCESS_STATE_FATAL", "PROCESS_STATE_EXITED", "PROCESS_STATE_BACKOFF")
 MIN_GAP_S = 1.0   # a burst of state events is looked at once
+SLOW_LOOK_S = 2.0
 
 
 def listen(watcher: Watcher, stdin=sys.stdin, stdout=sys.stdout) -> int:
@@ -350,4 +351,7 @@ def listen(watcher: Watcher, stdin=sys.stdin, stdout=sys.stdout) -> int:
                 watcher.look()
             except Exception as e:
                 log.error("look failed: %s: %s", type(e).__name__, e)
+            took = time.monotonic() - last
+            if took > SLOW_LOOK_S:
+                log.warning("a look took %.1f s (events wait meanwhile)", took)
         result_ok(stdout)
