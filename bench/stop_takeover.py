@@ -8,12 +8,15 @@ The project is a throwaway copy run by supervisord (tests/supervised.py) against
 simulator, with a short lease TTL from its ingest.toml. Before the watchdog, a stopped holder
 was never replaced (one backfill process, nothing takes an alive holder's lease until it expires,
 and the stopped process keeps it "alive"); the bound the watchdog aims for is TTL + 10 s.
-Each round waits for both workers to hold their leases, sends the signal to the holder, and
-polls the lease row every 50 ms until a different pid holds it.
+Each round waits for both workers to hold their leases and a random 0-5 s (the moment between
+two watchdog ticks), sends the signal to the holder, and polls the lease row every 50 ms until a
+different pid holds it. For kill -STOP it also prints when the watchdog's kill came (its
+watch_actions row): the rest is the kill -9 path (supervisord's restart, start-up, takeover).
 """
 
 import argparse
 import os
+import random
 import signal
 import statistics
 import sys
@@ -27,6 +30,10 @@ from ingest.simulator import SimConfig, Simulator  # noqa: E402
 from tests.supervised import SupervisedProject  # noqa: E402
 
 WORKERS = ("backfill", "upsert")
+TICK_S = 5.0
+# without it a round's signal lands at the same moment after a tick every time: the restarted
+# process is RUNNING (startsecs 3 s) about 4 s after the tick that killed the last one
+PHASE = random.Random(1)
 
 
 def toml(ttl: float, renew: float, retry: float) -> str:
@@ -50,6 +57,7 @@ def one_round(project: SupervisedProject, sig: int, timeout: float) -> tuple[flo
     states = project.wait_running(*WORKERS, "watch", timeout=60)
     pid = states["backfill"]["pid"]
     project.wait_held_by("backfill", pid, timeout=60)
+    time.sleep(PHASE.uniform(0, TICK_S))   # a random moment between two watchdog ticks
     began, wall = time.monotonic(), time.time()
     os.kill(pid, sig)
     try:
