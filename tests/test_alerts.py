@@ -232,3 +232,41 @@ def test_a_slow_channel_never_blocks_put(db_path):
     outbox.drain()
     outbox.close()
     assert len(recent_alerts(open_db(db_path))) == 5
+
+
+# ---------------------------------------------------------------- what the problems say, the CLI
+
+
+def test_a_program_that_exited_on_a_bad_key_is_named_with_its_exit_meaning():
+    from ingest.alerts import problems_of
+    from ingest.verdicts import Check, HealthReport
+
+    report = HealthReport("down", ["supervisor: not running: backfill EXITED"],
+                          [Check("supervisor", "fail", "not running: backfill EXITED", "supervisorctl start")])
+    programs = {"backfill": {"state": "EXITED", "exitstatus": 3, "spawnerr": "",
+                             "last_error": "ERROR ingest.worker: configuration error: deal: HTTP 400 invalidAccessKey"},
+                "upsert": {"state": "RUNNING", "exitstatus": 0, "spawnerr": ""}}
+    problems = problems_of(report, programs)
+    assert [p.check for p in problems] == ["supervisor", "program backfill"]
+    assert problems[1].detail == ("backfill EXITED (exit 3: configuration error; log: ERROR ingest.worker:"
+                                  " configuration error: deal: HTTP 400 invalidAccessKey)")
+
+
+def test_alerts_test_sends_to_every_channel_and_alerts_lists_it(tmp_path):
+    from click.testing import CliRunner
+
+    from ingest.cli import main
+
+    db = str(tmp_path / "x.db")
+    runner = CliRunner()
+    none = runner.invoke(main, ["--db", db, "alerts", "test"])
+    assert none.exit_code == 1 and "no alert channel configured" in none.output
+    with WebhookSink() as sink:
+        sent = runner.invoke(main, ["--db", db, "alerts", "test"], env={"INGEST_ALERT_WEBHOOK": sink.url})
+    assert sent.exit_code == 0, sent.output
+    assert "webhook 127.0.0.1: sent after 1 attempt(s)" in sent.output and sink.kinds() == ["test"]
+    assert "/hook" not in sent.output   # the URL is a credential: its host only
+    listed = json.loads(runner.invoke(main, ["--db", db, "alerts", "--json"]).output)
+    assert listed[0]["kind"] == "test" and listed[0]["deliveries"][0]["result"] == "sent"
+    screen = runner.invoke(main, ["--db", db, "alerts"]).output
+    assert "test" in screen and "webhook 127.0.0.1: sent after 1 attempt(s)" in screen
