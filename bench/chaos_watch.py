@@ -33,12 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench.chaos_checks import Row, format_table, verdict  # noqa: E402
 from ingest.simulator import SimConfig, Simulator  # noqa: E402
-from ingest.watch import shm_lock_holder  # noqa: E402
+from ingest.watch import TICK_S, announced_within, shm_lock_holder  # noqa: E402
 from tests.supervised import SupervisedProject  # noqa: E402
 from tests.webhook_sink import WebhookSink  # noqa: E402
 
 WORKERS = ("backfill", "upsert")
-TICK_S = 5.0
 
 
 @dataclass
@@ -107,7 +106,7 @@ class WatchChaos:
     def settle(self) -> None:
         """Healthy, and seen healthy by the watchdog for confirm_s and a tick."""
         self.project.wait(lambda: self.verdict() == "healthy", 120, "ingest status to say healthy", interval=0.5)
-        time.sleep(self.s.confirm_s + TICK_S + 1)
+        time.sleep(announced_within(self.s.confirm_s))
 
     def holders(self) -> dict[str, int]:
         states = self.project.wait_running(*WORKERS, "watch", timeout=60)
@@ -187,6 +186,12 @@ class WatchChaos:
         self.settle()
         self.window_402()
         self.settle()
+        end = self.result.windows[-1][1]
+        try:  # the invariant judges when it came; here, only do not stop listening too early
+            self.project.wait(lambda: any(m["kind"] == "recovered" and m["_received"] >= end for m in self.sink.messages),
+                              30, "a recovered message")
+        except AssertionError:
+            pass
         self.result.messages = [m for m in self.sink.messages if m["_received"] >= began]
         self.result.actions = [dict(r) for r in self.project.query("SELECT * FROM watch_actions ORDER BY id")]
         self.result.verdict_at_end = self.verdict()
@@ -214,7 +219,7 @@ def rows(result: WatchChaosResult, s: WatchChaosSettings) -> list[Row]:
     announced = [m for m in result.messages if m["kind"] in ("alert", "recovered", "repeat")]
     expected, unexplained = [], list(announced)
     for start, end in result.windows:
-        slack = s.confirm_s + 2 * TICK_S + 5
+        slack = announced_within(s.confirm_s) + 5
         alerts = [m for m in announced if m["kind"] == "alert" and m["verdict"] == "down"
                   and start <= m["_received"] <= end + slack]
         back = [m for m in announced if m["kind"] == "recovered" and end <= m["_received"] <= end + slack + 30]

@@ -21,6 +21,7 @@ Every action is a row of watch_actions and an 'action' message; verdict changes 
 """
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -29,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .alerts import AlertSettings, AlertState, Outbox, advance, channels_from, compose, host_name, problems_of, \
-    state_from_history
+from .alerts import AlertSettings, AlertState, Outbox, advance, compose, host_name, problems_of, state_from_history
 from .health import system_report
 from .lease_table import lease_rows
 from .procinfo import command_line, parent_pid, process_state
@@ -43,6 +43,14 @@ log = logging.getLogger(__name__)
 WAL_WRITE_LOCK_BYTE = 120   # SQLite's WALINDEX_LOCK_OFFSET + WAL_WRITE_LOCK in the -shm file
 PROC_LOCKS = Path("/proc/locks")
 SELF_PROGRAM = "watch"
+TICK_S = 5.0   # TICK_5: how often supervisord asks for a look
+
+
+def announced_within(confirm_s: float) -> float:
+    """The longest wait from a new verdict to its message: looks come on ticks, so it is first
+    seen within a tick (plus supervisord's 1 s loop), then confirmed at the first tick at least
+    confirm_s later."""
+    return math.ceil(confirm_s / TICK_S) * TICK_S + TICK_S + 2
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,11 @@ def watch(app, once, supervisor_conf):
     Runs as `[eventlistener:watch]` under supervisord (TICK_5 and PROCESS_STATE events); see
     docs/watch.md."""
     from ..watch import listen
+    from .sim import UsageLine
 
+    if not once and sys.stdin.isatty():
+        raise UsageLine("ingest watch speaks supervisord's event listener protocol on stdin: it runs as"
+                        " [eventlistener:watch] (supervisor.d/programs/watch.conf); from a shell use --once")
     setup_logging("watch", logging.INFO)
     watcher = build_watcher(app, supervisor_conf)
     if once:
