@@ -28,6 +28,8 @@ setup(
             "freezegun>=1.4",
             # property tests for the analytics (arbitrary csv slots never crash it)
             "hypothesis>=6.100",
+            # a real SMTP server on loopback for the email alert channel's tests (aio-libs)
+            "aiosmtpd>=1.4",
         ],
     },
     entry_points={"console_scripts": ["ingest=ingest.cli:main"]},

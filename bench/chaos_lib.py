@@ -289,7 +289,8 @@ class ChaosRun:
                         ref_at=at))
         time.sleep(pause)
         cont = time.time()
-        os.kill(pid, signal.SIGCONT)
+        if not _signal(pid, signal.SIGCONT):  # the watchdog (docs/watch.md) killed it first
+            self.events[-1].detail += ", killed by the watchdog"
         self._paused = None
         if locked:
             self.windows.append(Window("write_locked_stop", at, cont))

@@ -1,13 +1,13 @@
 """What the chaos run watches while it runs: lease ownership sampled from the database, the
 simulator's balance, and whether a paused process holds SQLite's write lock (/proc/locks)."""
 
-import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
 from bench.chaos_sim import SimProcess
+from ingest.watch import shm_lock_holder
 
 LEASES = ("backfill", "upsert")
 
@@ -63,17 +63,6 @@ class LeaseSampler(threading.Thread):
 
 
 def holds_write_lock(db_path: Path, pid: int) -> bool:
-    """Does `pid` hold SQLite's WAL write lock (byte 120 of the -shm file, /proc/locks)?"""
-    try:
-        inode = os.stat(f"{db_path}-shm").st_ino
-        lines = Path("/proc/locks").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        parts = line.split()
-        if "->" in parts:
-            continue  # a waiter, not a holder
-        if len(parts) >= 8 and parts[3] == "WRITE" and parts[4] == str(pid) and parts[5].endswith(f":{inode}"):
-            if int(parts[6]) <= 120 <= (int(parts[7]) if parts[7] != "EOF" else 1 << 62):
-                return True
-    return False
+    """Does `pid` hold SQLite's WAL write lock (byte 120 of the -shm file, /proc/locks)? The
+    watchdog's own reading of /proc/locks (ingest.watch.shm_lock_holder)."""
+    return shm_lock_holder(db_path) == pid

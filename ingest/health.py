@@ -303,6 +303,19 @@ def check_supervisor(ctx: Context) -> Check:
     return Check("supervisor", "ok", ", ".join(f"{w} RUNNING" for w in ctx.workers), "", data)
 
 
+def check_subscription(ctx: Context) -> Check:
+    """A worker paused on HTTP 402 (its progress state 'paused'): nothing is fetched until the
+    Keepa subscription is active again; the worker re-checks and resumes by itself."""
+    paused = [w for w in ctx.workers if (ctx.progress(w) or {}).get("state") == "paused"]
+    data = {"paused": paused}
+    if paused:
+        reason = (ctx.progress(paused[0]) or {}).get("last_error") or "paused"
+        return Check("subscription", "fail", f"{', '.join(paused)} {reason}",
+                     "renew or re-activate the Keepa subscription of this key; the workers re-check with the"
+                     " free /token call every [worker] payment_retry_s and resume by themselves", data)
+    return Check("subscription", "ok", "no worker paused by Keepa (402)", "", data)
+
+
 def check_space(ctx: Context) -> Check:
     """A full disk: a worker waiting for space (state disk_full), or almost nothing free where
     the database is. Workers roll the step back and retry; nothing is lost meanwhile."""
@@ -340,8 +353,8 @@ def check_backups(ctx: Context) -> Check:
     return Check("backups", "ok", where + ("" if settings.every_h else " (unscheduled: [backup] every_h)"), "", data)
 
 
-CORE_CHECKS = (check_database, check_supervisor, check_leases, check_heartbeats, check_progress,
-               check_last_fetch, check_tokens, check_rate_limits, check_restarts, check_space, check_backups)
+CORE_CHECKS = (check_database, check_supervisor, check_leases, check_heartbeats, check_subscription,
+               check_progress, check_last_fetch, check_tokens, check_rate_limits, check_restarts, check_space, check_backups)
 
 
 def assess_health(conn, *, now: float | None = None, supervisor: dict[str, dict] | None = None,
@@ -361,6 +374,14 @@ def other_programs_problem(supervisor: dict[str, dict] | None) -> str | None:
     bad = [f"{name} {p['state']}" for name, p in sorted(supervisor.items())
            if name not in WORKERS and p["state"] != "RUNNING"]
     return "supervisor: " + ", ".join(bad) + " (not a worker)" if bad else None
+
+
+def system_report(conn, supervisor: dict[str, dict] | None, *, now: float | None = None,
+                  stall_minutes: float = 10.0, config: dict | None = None) -> HealthReport:
+    """The verdict of `ingest status`, every program counted: what the watchdog acts and alerts
+    on too (one code path, no second opinion)."""
+    report = assess_health(conn, now=now, supervisor=supervisor, stall_minutes=stall_minutes, config=config)
+    return with_other_programs(report, supervisor)
 
 
 def with_other_programs(report: HealthReport, supervisor: dict[str, dict] | None) -> HealthReport:

@@ -129,6 +129,12 @@ class KeepaRequestError(KeepaError):
         return self.envelope.error_type if self.envelope else None
 
 
+class PaymentRequired(KeepaRequestError):
+    """HTTP 402: the key is valid but its subscription is inactive (expired, unpaid). Workers
+    pause on it and re-check with the free /token call instead of exiting (a renewal resumes
+    them); retrying the same request at once cannot help."""
+
+
 class TransientError(KeepaError):
     """Network failure, timeout or 5xx that outlasted the bounded retries."""
 
@@ -341,6 +347,10 @@ class KeepaClient:
                 f"{endpoint}: 429 not enough tokens (tokensLeft={envelope.tokens_left})",
                 endpoint=endpoint,
                 envelope=envelope,
+            )
+        if status == 402:
+            raise PaymentRequired(
+                f"{endpoint}: HTTP 402 {detail or 'payment required'}", endpoint=endpoint, envelope=envelope
             )
         if status in REQUEST_ERRORS:
             raise KeepaRequestError(

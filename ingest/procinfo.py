@@ -89,3 +89,24 @@ class Identity:
     @property
     def label(self) -> str:
         return f"{self.host}:{self.pid}:{self.nonce[:6]}"
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of /proc/<pid>/stat: R running, S sleeping, D disk wait, T stopped
+    (SIGSTOP), t traced, Z zombie ... None when there is no such process."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def parent_pid(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields and len(fields) > 1 else None
+
+
+def command_line(pid: int, limit: int = 300) -> str:
+    """The process's argv joined by spaces ('' when it is gone or unreadable)."""
+    try:
+        raw = (PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:limit]

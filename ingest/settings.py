@@ -27,8 +27,11 @@ ENVIRONMENT = {  # variable -> (section, key); the environment wins over the fil
     "KEEPA_API_KEY": ("keepa", "api_key"),
     "KEEPA_BASE_URL": ("keepa", "base_url"),
     "INGEST_QUERY": ("backfill", "query"),
+    "INGEST_ALERT_WEBHOOK": ("alerts", "webhook"),
+    "INGEST_SMTP_PASSWORD": ("alerts", "smtp_password"),
 }
-SECRET_KEYS = {("keepa", "api_key")}
+# shown as "(set)": a webhook URL carries its own credential
+SECRET_KEYS = {("keepa", "api_key"), ("alerts", "webhooks"), ("alerts", "webhook"), ("alerts", "smtp_password")}
 
 
 @dataclass(frozen=True)
@@ -211,12 +214,14 @@ class QuerySetting:
 
 def _sections() -> dict[str, type]:
     """Section name -> its dataclass (imported here, late, to keep imports one-way)."""
+    from .alerts import AlertSettings
     from .analytics import AnalyticsParams
     from .backup import BackupSettings
     from .leases import LeaseTiming
     from .metrics import MetricsSettings
     from .retention import RetentionSettings
     from .token_model import LedgerPolicy
+    from .watch import WatchSettings
     from .workers.backfill import BackfillSettings
     from .workers.base import WorkerSettings
     from .workers.janitor import JanitorSettings
@@ -236,6 +241,8 @@ def _sections() -> dict[str, type]:
         "metrics": MetricsSettings,
         "backup": BackupSettings,
         "retention": RetentionSettings,
+        "watch": WatchSettings,
+        "alerts": AlertSettings,
     }
 
 
@@ -322,7 +329,7 @@ def _load(config: dict, environ=None) -> tuple[Settings | None, list[str]]:
             else:
                 source = "default"
             value = getattr(built[name], key)
-            if (name, key) in SECRET_KEYS and value is not None:
+            if (name, key) in SECRET_KEYS and value not in (None, [], ""):
                 value = "(set)"
             entries.append(Entry(name, key, value, source))
         for key in section_extra(name):

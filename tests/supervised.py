@@ -9,6 +9,7 @@ timings, and its own var/. It lives in a short /tmp folder: unix socket paths ar
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -107,7 +108,12 @@ class SupervisedProject:
         return self.db().execute(sql, args).fetchall()
 
     def lease(self, name: str) -> dict | None:
-        rows = self.query("SELECT * FROM leases WHERE name = ?", name)
+        try:
+            rows = self.query("SELECT * FROM leases WHERE name = ?", name)
+        except sqlite3.OperationalError as e:  # the file exists, its first migration is not done yet
+            if "no such table" not in str(e):
+                raise
+            return None
         return dict(rows[0]) if rows else None
 
     def events(self, name: str, since_id: int = 0) -> list[dict]:

@@ -84,7 +84,9 @@ def test_the_demo_programs_differ_from_the_production_ones_in_their_database_onl
         for where in ("programs", "demo"):
             parser = configparser.RawConfigParser()
             parser.read(ROOT / "supervisor.d" / where / f"{worker}.conf")
-            ini[where] = dict(parser.items(f"program:{worker}"))
+            # a program, or an event listener (the watchdog, watch.conf)
+            section = next(s for s in parser.sections() if s in (f"program:{worker}", f"eventlistener:{worker}"))
+            ini[where] = dict(parser.items(section))
         prod, demo = ini["programs"], ini["demo"]
         assert "var/ingest.db" in prod["environment"] and "var/demo.db" in demo["environment"]
         assert {**demo, "environment": prod["environment"]} == prod

@@ -150,7 +150,7 @@ def test_diagnose_stall_runs_every_check(conn, db_path):
     env = Environment(db_path, sqlite_version="3.51.3", disk_usage=lambda _: Usage(100 * GIB, 0, 100 * GIB))
     result = diagnose_stall(conn, db_path, now=NOW, supervisor=RUNNING, env=env, clock=clock())
     assert [c.name for c in result.checks] == [
-        "database", "supervisor", "leases", "heartbeats", "progress", "last_fetch", "tokens", "rate_limits",
+        "database", "supervisor", "leases", "heartbeats", "subscription", "progress", "last_fetch", "tokens", "rate_limits",
         "restarts", "space", "backups", "token_trend", "cursor", "sqlite_version", "disk", "integrity"]
     assert result.verdict == "healthy", result.problems
     old_sqlite = Environment(db_path, sqlite_version="3.40.1", disk_usage=env.disk_usage)

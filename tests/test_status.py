@@ -175,7 +175,8 @@ def test_exit_code_follows_the_verdict(monkeypatch, tmp_path, verdict, code):
     check = Check("progress", {"healthy": "ok", "degraded": "warn", "down": "fail"}[verdict],
                   "backfill holds its lease but committed nothing for 12m", "ingest diagnose stall")
     problems = [] if verdict == "healthy" else [f"progress: {check.summary}"]
-    monkeypatch.setattr(status_module, "assess_health", lambda conn, **kw: HealthReport(verdict, problems, [check]))
+    monkeypatch.setattr(status_module, "system_report",
+                        lambda conn, programs, **kw: HealthReport(verdict, problems, [check]))
     monkeypatch.setenv("INGEST_SUPERVISOR_CONF", str(tmp_path / "none.conf"))
     runner = CliRunner()
     from ingest.store import open_db
@@ -198,3 +199,28 @@ def test_an_exited_worker_shows_what_its_exit_status_means():
     assert describe_exit(EXIT_CONFIG) == "exit 3: configuration error"
     assert describe_exit(77) == "exit 77" and describe_exit(None) == ""
     assert sorted(EXIT_MEANINGS) == [0, 1, 2, 3, 4, 5]
+
+
+def test_status_shows_the_watchdog_the_last_alert_and_failed_deliveries(tmp_path, monkeypatch):
+    from ingest.store import open_db, transaction
+
+    db = tmp_path / "x.db"
+    conn = open_db(db)
+    now = time.time()
+    with transaction(conn):
+        conn.execute("INSERT INTO watch_actions (at, action, reason, pid, program) VALUES"
+                     " (?, 'kill_stopped', 'backfill (pid 42) is stopped (state T)', 42, 'backfill')", (now - 120,))
+        conn.execute("INSERT INTO alert_messages (at, kind, verdict, previous, text, payload) VALUES"
+                     " (?, 'alert', 'down', 'healthy', 'ingest is DOWN', '{}')", (now - 60,))
+        conn.execute("INSERT INTO alerts (at, message_id, kind, verdict, channel, target, result, attempts, error)"
+                     " VALUES (?, 1, 'alert', 'down', 'webhook', 'hooks.example', 'failed', 4, 'hooks.example: HTTP 500')",
+                     (now - 30,))
+    monkeypatch.setenv("INGEST_SUPERVISOR_CONF", str(tmp_path / "none.conf"))
+    screen = CliRunner().invoke(main, ["--db", str(db), "status"])
+    lines = {line.split()[0]: line for line in screen.output.splitlines() if line.strip()}
+    assert "last action 2m00s ago: kill_stopped backfill 42" in lines["watchdog"], screen.output
+    assert "last 1m00s ago: alert down (webhook failed)" in lines["alerts"], screen.output
+    assert "1 delivery(ies) FAILED in 24h; last: webhook hooks.example after 4 attempt(s): hooks.example: HTTP 500" \
+        in screen.output
+    state = json.loads(CliRunner().invoke(main, ["--db", str(db), "status", "--json"]).output)
+    assert state["watch"]["last_action"]["pid"] == 42 and state["watch"]["last_alert"]["kind"] == "alert"

@@ -127,7 +127,7 @@ def test_start_runs_both_workers_and_status_reports_healthy(project):
     code, state = project.wait(healthy, 30, "ingest status to say healthy", interval=0.5)
     assert code == 0 and state["problems"] == []
     assert {name: p["state"] for name, p in state["supervisor"]["programs"].items()} == {
-        "backfill": "RUNNING", "upsert": "RUNNING", "metrics": "RUNNING"}
+        "backfill": "RUNNING", "upsert": "RUNNING", "metrics": "RUNNING", "watch": "RUNNING"}
 
 
 def test_kill_9_worker_is_restarted_and_takes_its_lease_back_at_once(project):

@@ -269,7 +269,7 @@ def _run_in_thread(worker, timeout=20):
 
 @pytest.mark.parametrize("error, code, state", [
     (ConfigError("bad [upsert] start_from"), 3, "error"),
-    (KeepaRequestError("Keepa answered 402: expired key"), 3, "error"),  # retrying cannot help
+    (KeepaRequestError("Keepa answered 400: invalid key"), 3, "error"),  # retrying cannot help (402 pauses)
     (StoreError("database is read-only"), 4, "error"),
     (LeaseLost("lease taken"), 5, "lost"),
 ])

@@ -29,6 +29,8 @@ COMMAND_MODULES = [  # one module per line
     "diagnose",
     "sql",
     "metrics",
+    "watch",
+    "alerts",
 ]
 
 UNCHECKED_COMMANDS = {"config", None}  # `config check` reports the problems itself

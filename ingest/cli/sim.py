@@ -95,6 +95,8 @@ def _keys(ctx, param, value):
               help="Where the redirect fault points.")
 @click.option("--force-429", default=None, metavar="START:DURATION", callback=_pair(float, float, "START:DURATION seconds"),
               help="Refuse every call with 429 from START to START+DURATION seconds after start.")
+@click.option("--force-402", default=None, metavar="START:DURATION", callback=_pair(float, float, "START:DURATION seconds"),
+              help="Answer every call (/token too) with 402 from START to START+DURATION seconds after start.")
 @click.option("--rate-change", default=None, metavar="AT:RATE", callback=_pair(float, int, "AT_SECONDS:RATE"),
               help="Change the refill rate to RATE at AT seconds after start.")
 @click.option("--deal-updates-per-min", type=click.FloatRange(0.001), default=30.0, show_default=True,
@@ -126,6 +128,7 @@ def sim_command(verbose, **options):
         fault_no_history=options["fault_no_history"], fault_drip=options["fault_drip"], drip_s=options["drip_s"],
         fault_redirect=options["fault_redirect"], redirect_to=options["redirect_to"],
         force_429_window=options["force_429"],
+        force_402_window=options["force_402"],
         rate_change=options["rate_change"], deal_update_per_min=options["deal_updates_per_min"],
         deal_new_per_min=options["deal_new_per_min"], deal_share=options["deal_share"],
         deal_cache_s=options["deal_cache_s"],

@@ -9,7 +9,7 @@ from datetime import datetime
 import click
 
 from ..errors import EXIT_BY_VERDICT
-from ..health import assess_health, with_other_programs
+from ..health import system_report
 from ..supervisor import describe_exit, probe
 from . import echo_table
 from .leases import _duration
@@ -47,8 +47,7 @@ def gather(app, *, stall_minutes: float, supervisor_conf: str | None, now: float
     conn = app.db()
     leases = lease_rows(conn, now)
     programs = view.programs if view.running else None
-    report = assess_health(conn, now=now, supervisor=programs, stall_minutes=stall_minutes, config=app.config)
-    assessment = with_other_programs(report, programs).to_json()
+    assessment = system_report(conn, programs, now=now, stall_minutes=stall_minutes, config=app.config).to_json()
     return {
         "verdict": assessment["verdict"],
         "problems": assessment["problems"],
@@ -63,7 +62,20 @@ def gather(app, *, stall_minutes: float, supervisor_conf: str | None, now: float
         "deals": deal_counts(conn),
         "progress": progress_rows(conn),
         "checks": assessment["checks"],
+        "watch": _watch(conn, now),
     }
+
+
+FAILED_WINDOW_S = 24 * 3600.0
+
+
+def _watch(conn, now: float) -> dict:
+    """The watchdog's last action, the last alert and the deliveries that failed in a day."""
+    from ..alerts import failed_deliveries, last_message
+    from ..watch import last_action
+
+    return {"last_action": last_action(conn), "last_alert": last_message(conn),
+            "failed_deliveries": failed_deliveries(conn, now - FAILED_WINDOW_S)}
 
 
 # ---------------------------------------------------------------- the screen
@@ -133,6 +145,30 @@ def _show_backups(checks: list[dict]) -> None:
             click.echo(f"backups      {c['summary']}")
 
 
+def _show_watch(state: dict) -> None:
+    """The watchdog program, its last action, the last alert and failed deliveries."""
+    now, watch = state["at"], state["watch"]
+    programs = state["supervisor"]["programs"] if state["supervisor"]["running"] else {}
+    proc = programs.get("watch")
+    running = f"{proc['state']}, pid {proc['pid'] or '-'}" if proc else "not running under supervisord"
+    action = watch["last_action"]
+    did = (f"last action {_ago(now, action['at'])}: {action['action']} {action['program'] or 'pid'}"
+           f" {action['pid']}") if action else "no action taken"
+    click.echo(f"watchdog     {running}; {did}")
+    alert = watch["last_alert"]
+    if alert is None:
+        click.echo("alerts       none sent yet")
+    else:
+        how = ", ".join(f"{d['channel']} {d['result']}" for d in alert["deliveries"]) or "no channel configured"
+        what = " ".join(x for x in (alert["kind"], alert["verdict"]) if x)
+        click.echo(f"alerts       last {_ago(now, alert['at'])}: {what} ({how})")
+    failed = watch["failed_deliveries"]
+    if failed:
+        last = failed[0]
+        click.echo(f"             {len(failed)} delivery(ies) FAILED in 24h; last: {last['channel']}"
+                   f" {last['target'] or ''} after {last['attempts']} attempt(s): {last['error']}")
+
+
 def _show_progress(progress: list[dict], now: float) -> None:
     click.echo("progress")
     if not progress:
@@ -172,6 +208,7 @@ def show(state: dict) -> None:
     _show_tokens(state["tokens"], now)
     _show_deals(state["deals"])
     _show_backups(state["checks"])
+    _show_watch(state)
     _show_progress(state["progress"], now)
 
 

@@ -111,6 +111,8 @@ class SimApp:
         key = params.get("key", "")
         if key in self.expired_keys:
             return self._error(402, "paymentRequired", "the access key has expired", started, account=False)
+        if key and (self.api_keys is None or key in self.api_keys) and self.faults.in_forced_402():
+            return self._error(402, "paymentRequired", "the subscription is inactive", started, account=False)
         if not key or (self.api_keys is not None and key not in self.api_keys):
             return self._error(400, "invalidAccessKey", "invalid access key", started, account=False)
         if endpoint == "/token":

@@ -40,6 +40,7 @@ class SimConfig:
     redirect_to: str = "http://127.0.0.2:9/elsewhere"
     force_429_window: tuple[float, float] | None = None  # (start_s after start, duration_s)
     force_429: tuple[float, float] | None = None  # alias of force_429_window
+    force_402_window: tuple[float, float] | None = None  # every call answered 402 (start_s, duration_s)
     rate_change: tuple[float, int] | None = None  # (at_s after start, new refill rate)
     # Deal dynamics: how many listed deals get a new lastUpdate per minute, and how many
     # products start being deal-listed per minute after start.

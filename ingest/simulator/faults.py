@@ -15,13 +15,15 @@ Per product returned by /product:
 - "no_history": the product comes back with csv = null and stats = null (the partial-data
   case), charged as usual.
 A forced 429 window refuses every call in it (cost 0) whatever the balance.
+A forced 402 window answers every call in it, /token included, with HTTP 402 paymentRequired
+(cost 0): an inactive subscription, as when an account is not renewed and then paid again.
 """
 
 import random
 import threading
 
 REQUEST_FAULTS = ("500", "redirect", "timeout", "malformed", "drip", "slow")
-FAULT_KINDS = (*REQUEST_FAULTS, "no_history", "forced_429")
+FAULT_KINDS = (*REQUEST_FAULTS, "no_history", "forced_429", "forced_402")
 SHARE_FIELDS = ("fault_500", "fault_slow", "fault_timeout", "fault_malformed", "fault_no_history", "fault_drip",
                 "fault_redirect")
 SECONDS_FIELDS = ("slow_s", "timeout_s", "drip_s")
@@ -34,8 +36,11 @@ class Faults:
         self._rng = random.Random(f"{cfg.seed}/faults")
         self.settings = {name: float(getattr(cfg, name)) for name in SHARE_FIELDS + SECONDS_FIELDS}
         self._window: tuple[float, float] | None = None
+        self._window_402: tuple[float, float] | None = None
         if cfg.force_429_window:
             self.force_429(*cfg.force_429_window)
+        if cfg.force_402_window:
+            self.force_402(*cfg.force_402_window)
         self.counts = dict.fromkeys(FAULT_KINDS, 0)
 
     def force_429(self, start_s: float, duration_s: float) -> None:
@@ -45,16 +50,29 @@ class Faults:
             self._window = (now + start_s, now + start_s + duration_s)
 
     def in_forced_429(self) -> bool:
-        window = self._window
-        if window is None:
+        return self._inside(self._window)
+
+    def force_402(self, start_s: float, duration_s: float) -> None:
+        """Answer every call with 402 from start_s to start_s + duration_s (seconds from now)."""
+        now = self._clock.monotonic()
+        with self._lock:
+            self._window_402 = (now + start_s, now + start_s + duration_s)
+
+    def in_forced_402(self) -> bool:
+        if not self._inside(self._window_402):
             return False
-        return window[0] <= self._clock.monotonic() < window[1]
+        with self._lock:
+            self.counts["forced_402"] += 1
+        return True
+
+    def _inside(self, window: tuple[float, float] | None) -> bool:
+        return window is not None and window[0] <= self._clock.monotonic() < window[1]
 
     def update(self, changes: dict) -> dict:
         """Apply admin changes ({"fault_500": 0.2, "force_429": [start_s, duration_s] | null, ...}).
         Raises ValueError (one line) on a bad value; nothing is applied then."""
         new = dict(self.settings)
-        window = "unchanged"
+        window = window_402 = "unchanged"
         for name, value in changes.items():
             if name in SHARE_FIELDS:
                 if not _number(value) or not 0.0 <= value <= 1.0:
@@ -69,14 +87,23 @@ class Faults:
                                           or not all(_number(v) and v >= 0 for v in value)):
                     raise ValueError("force_429 must be [start_s, duration_s] or null")
                 window = value
+            elif name == "force_402":
+                if value is not None and (not isinstance(value, list) or len(value) != 2
+                                          or not all(_number(v) and v >= 0 for v in value)):
+                    raise ValueError("force_402 must be [start_s, duration_s] or null")
+                window_402 = value
             else:
                 raise ValueError(f"unknown fault setting {name!r}")
         with self._lock:
             self.settings = new
             if window is None:
                 self._window = None
+            if window_402 is None:
+                self._window_402 = None
         if window not in ("unchanged", None):
             self.force_429(*window)
+        if window_402 not in ("unchanged", None):
+            self.force_402(*window_402)
         return self.describe()
 
     def describe(self) -> dict:
@@ -84,6 +111,8 @@ class Faults:
         window = self._window
         now = self._clock.monotonic()
         out["force_429"] = None if window is None else [round(window[0] - now, 3), round(window[1] - now, 3)]
+        window = self._window_402
+        out["force_402"] = None if window is None else [round(window[0] - now, 3), round(window[1] - now, 3)]
         return out
 
     def draw_request_fault(self) -> str | None:

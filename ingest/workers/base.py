@@ -32,7 +32,7 @@ from ..calllog import spend_by_worker
 from ..clock import SYSTEM_CLOCK
 from ..db_source import claim, source_of
 from ..errors import EXIT_MEANINGS, EXIT_OK, ConfigError, DiskFull, IngestError
-from ..keepa import MalformedResponse, TransientError, check_query_domain
+from ..keepa import MalformedResponse, PaymentRequired, TransientError, check_query_domain
 from ..leases import Lease, LeaseLost, LeaseTiming
 from ..metered import Stopped, keepa_settings, open_keepa
 from ..settings import setting, worker_settings
@@ -41,6 +41,7 @@ from ..store import DatabaseReplaced, FileIdentity, check_same_file, open_db, tr
 log = logging.getLogger("ingest.worker")
 
 PAGE_SIZE = 150  # deals per /deal page (Keepa): a shorter page is the last one
+PAUSED_402 = "paused: Keepa subscription inactive (402)"  # the progress row's last_error while paused
 
 # how the log line of a fatal error starts (ingest status shows the worker's last error line)
 
@@ -60,6 +61,8 @@ class WorkerSettings:
     retry_max_attempts: int = setting(12, "an incomplete deal is refetched at most this often", min=1, max=1000)
     disk_full_retry_s: float = setting(30.0, "on a full disk, try the rolled-back step again this often",
                                        min=0.05, max=3600)
+    payment_retry_s: float = setting(300.0, "on HTTP 402 (subscription inactive), re-check with the free"
+                                     " /token call this often", min=0.05, max=86400)
 
     def __post_init__(self):
         if self.backoff_s > self.backoff_max_s:
@@ -229,6 +232,9 @@ class Worker:
             except DiskFull as e:  # rolled back whole: the same step runs again once there is space
                 self._wait_for_space(e)
                 continue
+            except PaymentRequired as e:  # the process and its lease stay; the same step runs again
+                self._wait_for_payment(e)
+                continue
             self._space_is_back()
             self._maybe_log_progress()
             if self.once and self.pass_done():
@@ -305,6 +311,27 @@ class Worker:
         except IngestError:
             pass
         self.clock.sleep(wait, self.stop)
+
+    def _wait_for_payment(self, error: PaymentRequired) -> None:
+        """Keepa answered 402: say so in the progress row (ingest status: down, with the reason),
+        keep the lease, and re-check with the free /token call every payment_retry_s until it
+        answers 200 (or the worker is stopped). A 400 during the wait is still exit 3."""
+        wait = self.settings.payment_retry_s
+        since = self.clock.monotonic()
+        log.error("%s (%s); re-checking with /token every %g s", PAUSED_402, error, wait)
+        self._set_state("paused", last_error=PAUSED_402, last_error_at=self.clock.wall())
+        while not self.clock.sleep(wait, self.stop):
+            self.lease.check()
+            try:
+                self.keepa.token_status()
+            except PaymentRequired:
+                continue
+            except (TransientError, MalformedResponse) as e:
+                log.warning("re-checking the subscription: %s", e)
+                continue
+            log.info("Keepa answers again after %.0f s: resuming", self.clock.monotonic() - since)
+            self._set_state("working")
+            return
 
     def _space_is_back(self) -> None:
         if self._disk_full_since is not None:
