@@ -3,6 +3,8 @@
     python tests/lease_worker.py DB NAME hold     [--ttl 3 --renew 1 --retry 0.2 --write-every 0.2]
     python tests/lease_worker.py DB NAME contend  --rounds 30
 
+DB is an SQLite file or a postgresql:// URL (ingest.backends.open_store).
+
 It prints one line per event on stdout, with CLOCK_MONOTONIC readings (system-wide, so the test
 process can compare them with its own):
     READY <mono>                       about to contend
@@ -24,9 +26,17 @@ import time
 
 from ingest.errors import EXIT_LEASE_LOST
 from ingest.leases import Lease, LeaseLost, LeaseTiming
-from ingest.store import open_db, transaction
+from ingest.backends import open_store, transaction
 
-WORK_TABLE = "CREATE TABLE IF NOT EXISTS lease_work (id INTEGER PRIMARY KEY, fence INTEGER, pid INTEGER, mono REAL)"
+# id: commit order of the fenced writes (successive holders' writes are serialised by the lease)
+WORK_TABLE = {
+    "sqlite": ["CREATE TABLE IF NOT EXISTS lease_work (id INTEGER PRIMARY KEY, fence INTEGER, pid INTEGER, mono REAL)"],
+    "postgresql": [
+        "SELECT pg_advisory_xact_lock(4242)",  # two workers starting at once: one CREATE at a time
+        "CREATE TABLE IF NOT EXISTS lease_work (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+        " fence BIGINT, pid BIGINT, mono DOUBLE PRECISION)",
+    ],
+}
 
 
 def mono() -> float:
@@ -107,10 +117,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=30)
     args = p.parse_args()
     timing = LeaseTiming(args.ttl, args.renew, args.retry)
-    conn = open_db(args.db)
+    store = open_store(args.db)
+    conn = store.open()
     with transaction(conn):
-        conn.execute(WORK_TABLE)
-    lease = Lease(args.db, args.name, timing)
+        for statement in WORK_TABLE[store.backend.name]:
+            conn.execute(statement)
+    lease = Lease(store, args.name, timing)
     if args.mode == "hold":
         return hold(lease, timing, conn, args.write_every)
     return contend(lease, timing, conn, args.rounds)
