@@ -168,6 +168,71 @@ def test_the_heartbeat_keeps_the_lease_and_release_frees_it_for_the_next(store_t
     b.close()
 
 
+# ---------------------------------------------------------------- PostgreSQL's own failure modes
+
+
+def terminate_other_sessions(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as admin:
+        return len(admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall())
+
+
+def test_a_connection_the_server_dropped_is_opened_again_at_the_next_transaction(pg_url, clock):
+    a = Lease(pg_url, "job", TIMING, clock)
+    assert a.try_acquire()
+    assert terminate_other_sessions(pg_url) >= 1  # a server restart, as the client sees it
+    clock.advance(TIMING.renew_s)
+    assert a.renew()  # no error: reopened, and the row is still ours
+    a.close()
+
+
+def test_a_client_stopped_inside_a_transaction_does_not_hold_the_lease_row_for_ever(pg_url, clock):
+    """A holder stopped (SIGSTOP, a frozen VM) inside a fenced write keeps the lease row locked;
+    the server ends that session after IDLE_IN_TRANSACTION_MS, well within the waiters' lock
+    timeout, and the stopped client's write, when it runs again, fails with one line."""
+    import threading
+    import time
+
+    from ingest.backends.postgres import IDLE_IN_TRANSACTION_MS
+
+    holder = Lease(pg_url, "job", TIMING, clock)
+    assert holder.try_acquire()
+    stuck_conn, other = open_store(pg_url).open(), open_store(pg_url).connect()
+    locked, resume, outcome = threading.Event(), threading.Event(), []
+
+    def stuck():
+        try:
+            with holder.fenced(stuck_conn) as c:
+                locked.set()
+                resume.wait(30)  # "stopped" with the lease row locked
+                c.execute("INSERT INTO work (fence, what) VALUES (?, ?)", (1, "after the stop"))
+            outcome.append("committed")
+        except Exception as e:
+            outcome.append(e)
+
+    with transaction(stuck_conn):
+        stuck_conn.execute("CREATE TABLE work (fence INTEGER NOT NULL, what TEXT)")
+    thread = threading.Thread(target=stuck)
+    thread.start()
+    try:
+        assert locked.wait(10)
+        began = time.monotonic()
+        with transaction(other):  # waits for the row until the server ends the stuck session
+            assert read_lease(other, "job").fence == 1
+        waited = time.monotonic() - began
+    finally:
+        resume.set()
+        thread.join(30)
+    assert IDLE_IN_TRANSACTION_MS / 1000 - 0.5 < waited < 5
+    [error] = outcome
+    assert isinstance(error, StoreError) and "rolled back" in str(error) and "\n" not in str(error)
+    assert other.execute("SELECT count(*) FROM work").fetchone()[0] == 0
+    with holder.fenced(stuck_conn) as c:  # its next write: a new session, still the holder
+        c.execute("INSERT INTO work (fence, what) VALUES (?, ?)", (1, "next"))
+    holder.close()
+
+
 # ---------------------------------------------------------------- the boundary itself
 
 

@@ -9,7 +9,7 @@
 - Rows can be read by column name and by position, as sqlite3.Row can.
 - A lock waited for longer than the connection's lock timeout (what SQLite calls busy_timeout)
   fails the statement; it and every lost connection become one-line StoreErrors. A connection
-  the server dropped is opened again at the next transaction.
+  the server dropped is opened again at the start of the next transaction.
 - Migrations: ingest/schema/postgres/vNNN_name.sql, with the version numbers of the SQLite files
   they port; each applied version is recorded in `ingest_schema`.
 """
@@ -103,19 +103,23 @@ class PgConnection:
     def _dial(self) -> psycopg.Connection:
         try:
             raw = psycopg.connect(self.url, autocommit=True, row_factory=_rows, connect_timeout=CONNECT_TIMEOUT_S)
+            # 0 would mean "wait forever" to PostgreSQL, "never wait" to SQLite: wait 1 ms at least
+            raw.execute(f"SET lock_timeout = {max(int(self.lock_timeout_ms), 1)}")
+            raw.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
         except psycopg.Error as e:
             raise StoreError(f"cannot open {_redacted_target(self.url)}: {_one_line(e)}") from None
-        # 0 would mean "wait forever" to PostgreSQL, "never wait" to SQLite: wait 1 ms at least
-        raw.execute(f"SET lock_timeout = {max(int(self.lock_timeout_ms), 1)}")
-        raw.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
         return raw
 
-    def reopen_if_lost(self) -> None:
-        """A connection the server dropped (restart, network) is opened again; never inside a
-        transaction (it is gone with the connection)."""
-        if self.raw.closed or self.raw.broken:
-            self.raw.close()
-            self.raw = self._dial()
+    @property
+    def lost(self) -> bool:
+        """Closed, or found broken by the last statement (server restart, network)."""
+        return self.raw.closed or getattr(self.raw, "broken", False)
+
+    def reopen(self) -> None:
+        """Open the connection again; only between transactions (one in progress is gone with
+        the old connection, rolled back by the server)."""
+        self.raw.close()
+        self.raw = self._dial()
 
     def execute(self, sql: str, params: tuple | list = ()):
         if params:
@@ -145,8 +149,15 @@ class _Transaction:
     def __enter__(self) -> PgConnection:
         conn = self.conn
         try:
-            conn.reopen_if_lost()
-            conn.raw.execute("BEGIN")
+            if conn.lost:
+                conn.reopen()
+            try:
+                conn.raw.execute("BEGIN")
+            except psycopg.OperationalError:
+                if not conn.lost:
+                    raise
+                conn.reopen()  # dropped since its last use (nothing was done yet): once more
+                conn.raw.execute("BEGIN")
         except psycopg.Error as e:
             raise StoreError(f"cannot start a write transaction: {_one_line(e)}") from None
         return conn
@@ -160,18 +171,18 @@ class _Transaction:
             except psycopg.Error as e:
                 self._rollback()
                 raise StoreError(f"write transaction failed and was rolled back: {_one_line(e)}") from None
+        lost = self.conn.lost
         self._rollback()
-        if issubclass(kind, psycopg.OperationalError):
-            # a lock timeout, a lost connection, a full disk on the server: one clear line
+        if issubclass(kind, psycopg.OperationalError) or (lost and issubclass(kind, psycopg.Error)):
+            # a lock timeout, a lost or ended session, a full disk on the server: one clear line
             raise StoreError(f"write transaction failed and was rolled back: {_one_line(error)}") from None
         return False
 
     def _rollback(self) -> None:
-        raw = self.conn.raw
-        if raw.closed or raw.broken:
+        if self.conn.lost:
             return  # the server rolled it back with the connection
         try:
-            raw.execute("ROLLBACK")
+            self.conn.raw.execute("ROLLBACK")
         except psycopg.Error:
             pass
 
