@@ -11,11 +11,11 @@ import math
 from dataclasses import dataclass
 
 from . import procinfo
+from .backends import locked_row, transaction
 from .clock import SYSTEM_CLOCK
 from .errors import IngestError, StoreError
 from .lease_rules import HolderStatus, LeaseEvent, LeaseState, holder_status
 from .procinfo import Identity
-from .backends import locked_row, transaction
 
 HOLDER_COLUMNS = ("holder_host", "holder_boot", "holder_pidns", "holder_pid", "holder_start", "holder_nonce")
 

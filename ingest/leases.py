@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Iterator
 
+from .backends import open_store, transaction
 from .clock import SYSTEM_CLOCK
 from .errors import EXIT_LEASE_LOST, ConfigError, IngestError
 from .lease_rules import LeaseEvent, Watch, decide_take
@@ -26,7 +27,6 @@ from .lease_table import (CorruptLease, add_event, clear_holder, holder_alive, r
                           write_renewal)
 from .procinfo import Identity
 from .settings import parse, setting
-from .backends import open_store, transaction
 
 log = logging.getLogger("ingest.leases")
 

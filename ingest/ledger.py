@@ -5,16 +5,16 @@ The model (Keepa's bucket, the `Account` row and its projection, the policy, the
 ingest/token_model.py; how the row changes is ingest/token_transitions.py (pure functions); who
 goes first while tokens are scarce is ingest/sharing.py. This module is the row's I/O: each
 operation (reserve / try_reserve, settle, release, rate_limited, sync) is one write transaction:
-load (locked), transition, store. A reservation moves tokens from `balance` to `in_flight`; the server balance
-S is unchanged until the server charges.
+load (locked), transition, store. A reservation moves tokens from `balance` to `in_flight`; the
+server balance S is unchanged until the server charges.
 
 Every read-then-write is one write transaction that reads the account row with
-backends.locked_row (SQLite: BEGIN IMMEDIATE; PostgreSQL: the row locked FOR UPDATE): two
-processes can never both see the same tokens. Open reservations live in the same row (`holds`: per process,
-worker and minute, a count, a cost and the newest reservation's time), so a reservation reads and
-writes one row, one page. On SQLite, BEGIN is retried by the ledger itself with short
-jittered sleeps (store.Spin) on a busy_timeout = 0 connection (ledger_connection): fair under
-contention; PostgreSQL grants row locks in order of arrival.
+backends.locked_row (SQLite: inside BEGIN IMMEDIATE; PostgreSQL: the row locked FOR UPDATE): two
+processes can never both see the same tokens. Open reservations live in the same row (`holds`:
+per process, worker and minute, a count, a cost and the newest reservation's time), so a
+reservation reads and writes one row, one page. On SQLite, BEGIN is retried by the ledger itself
+with short jittered sleeps (store.Spin) on a busy_timeout = 0 connection (ledger_connection):
+fair under contention; PostgreSQL grants row locks in order of arrival.
 Each server envelope resets S (the server is the authority):
 balance = tokensLeft - in_flight of the reservations still open. When another process's call was
 already charged but not yet settled, that under-counts the balance by its cost until it settles:
@@ -27,10 +27,10 @@ import os
 import threading
 from dataclasses import replace
 
+from .backends import backend_of, open_store
 from .clock import SYSTEM_CLOCK
 from .procinfo import start_time
 from .sharing import clear_waiting
-from .backends import backend_of, open_store
 from .store import Spin
 from .token_costs import estimate_cost, learn_cost, unit_cost
 from .token_model import Account, LedgerPolicy, Refusal, Reservation
