@@ -247,6 +247,16 @@ def test_every_postgresql_migration_ports_an_sqlite_version_of_the_same_name():
         assert sqlite_versions[version] == name
 
 
+def test_postgresql_connections_take_sqlite_placeholders_and_give_rows_by_name_and_position(pg_url):
+    conn = open_store(pg_url).connect()
+    row = conn.execute("SELECT ? AS n, 'x%' AS pattern WHERE 'x%y' LIKE ?", (7, "x%")).fetchone()
+    assert row["n"] == 7 and row[1] == "x%" and tuple(row) == (7, "x%")
+    assert dict(row) == {"n": 7, "pattern": "x%"} and row.keys() == ["n", "pattern"]
+    assert conn.execute("SELECT 1 WHERE 'a' LIKE 'a%'").fetchone()[0] == 1  # no parameters: % as is
+    assert not conn.in_transaction
+    conn.close()
+
+
 def test_postgresql_migrations_are_recorded_once_and_a_newer_schema_is_refused(pg_url):
     from ingest.backends.postgres import applied_versions, migrate
 
