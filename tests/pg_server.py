@@ -94,6 +94,12 @@ def _server_user() -> pwd.struct_passwd | None:
     return None
 
 
+def _shared_tmp() -> str:
+    """A temporary folder the server's user can reach: $TMPDIR, unless others cannot enter it."""
+    folder = tempfile.gettempdir()
+    return folder if os.stat(folder).st_mode & 0o001 else "/tmp"
+
+
 def _run_as_prefix() -> list[str]:
     """The command prefix that drops root for the server commands ([] when not root)."""
     if os.geteuid() != 0:
@@ -130,7 +136,7 @@ class PgServer:
         bin_dir = find_bin_dir()
         if bin_dir is None:
             raise RuntimeError(why_unavailable() or "no PostgreSQL server binaries")
-        root = Path(tempfile.mkdtemp(prefix="ingest-pg-"))
+        root = Path(tempfile.mkdtemp(prefix="ingest-pg-", dir=_shared_tmp()))
         run_as = _run_as_prefix()
         if run_as:
             user = _server_user()
