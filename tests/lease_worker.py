@@ -11,6 +11,9 @@ process can compare them with its own):
     ACQUIRED <fence> <mono> <attempts>
     RELEASED <fence> <mono>            (contend: just before release; hold: after SIGTERM's release)
     LOST <fence> <mono> <how>          how = fenced (a fenced write was refused) | heartbeat; exit 5
+    WRITE_FAILED <mono>                a fenced write failed (StoreError) and is tried again: on
+                                       PostgreSQL, the session of a holder stopped inside it was
+                                       ended by the server (idle_in_transaction_session_timeout)
 
 Every fenced write inserts (fence, pid, mono) into lease_work, so the tests can check that the
 writes of successive holders never interleave.
@@ -24,7 +27,7 @@ import sys
 import threading
 import time
 
-from ingest.errors import EXIT_LEASE_LOST
+from ingest.errors import EXIT_LEASE_LOST, StoreError
 from ingest.leases import Lease, LeaseLost, LeaseTiming
 from ingest.backends import open_store, transaction
 
@@ -78,7 +81,10 @@ def hold(lease: Lease, timing: LeaseTiming, conn, write_every: float) -> int:
             if lease.lost.is_set():
                 say("LOST", lease.fence, mono(), "heartbeat")
                 return EXIT_LEASE_LOST
-            fenced_write(lease, conn)
+            try:
+                fenced_write(lease, conn)
+            except StoreError:  # rolled back whole: the step runs again, as a worker's would
+                say("WRITE_FAILED", mono())
             stop.wait(write_every)
     except LeaseLost:
         say("LOST", lease.fence, mono(), "fenced")
