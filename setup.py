@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Collect Amazon deals from the Keepa API into SQLite, through crashes, restarts and token shortages.",
     packages=find_packages(include=["ingest", "ingest.*"]),
-    package_data={"ingest": ["schema/*.sql"]},
+    package_data={"ingest": ["schema/*.sql", "schema/postgres/*.sql"]},
     python_requires=">=3.11",
     install_requires=[
         "click>=8.1",
@@ -22,6 +22,9 @@ setup(
         "prometheus-client>=0.17",
     ],
     extras_require={
+        # PostgreSQL as the shared state store (docs/postgres.md): psycopg 3, the maintained
+        # driver; the binary wheel bundles libpq, so no compiler or libpq-dev is needed
+        "postgres": ["psycopg[binary]>=3.1"],
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
@@ -30,6 +33,8 @@ setup(
             "hypothesis>=6.100",
             # a real SMTP server on loopback for the email alert channel's tests (aio-libs)
             "aiosmtpd>=1.4",
+            # the lease and ledger tests also run against a real PostgreSQL server
+            "psycopg[binary]>=3.1",
         ],
     },
     entry_points={"console_scripts": ["ingest=ingest.cli:main"]},

@@ -8,15 +8,14 @@ boot); see docs/leases.md.
 """
 
 import math
-import sqlite3
 from dataclasses import dataclass
 
 from . import procinfo
+from .backends import locked_row, transaction
 from .clock import SYSTEM_CLOCK
 from .errors import IngestError, StoreError
 from .lease_rules import HolderStatus, LeaseEvent, LeaseState, holder_status
 from .procinfo import Identity
-from .store import transaction
 
 HOLDER_COLUMNS = ("holder_host", "holder_boot", "holder_pidns", "holder_pid", "holder_start", "holder_nonce")
 
@@ -52,8 +51,8 @@ class LeaseRow:
     transitions: int
 
     @classmethod
-    def parse(cls, row: sqlite3.Row) -> "LeaseRow":
-        """Validate a row read from `leases`; CorruptLease (one line) if it is damaged."""
+    def parse(cls, row) -> "LeaseRow":
+        """Validate a row read from `leases` (by column name); CorruptLease (one line) if it is damaged."""
         name = row["name"]
 
         def bad(what: str):
@@ -113,8 +112,9 @@ def holder_alive(row: LeaseRow | None, me: Identity) -> bool | None:
 # ---------------------------------------------------------------- statements (inside the caller's transaction)
 
 
-def read_lease(conn: sqlite3.Connection, name: str) -> LeaseRow | None:
-    row = conn.execute("SELECT * FROM leases WHERE name = ?", (name,)).fetchone()
+def read_lease(conn, name: str) -> LeaseRow | None:
+    """The row, locked until the end of the caller's write transaction (backends.locked_row)."""
+    row = locked_row(conn, "SELECT * FROM leases WHERE name = ?", (name,), f"leases:{name}")
     return None if row is None else LeaseRow.parse(row)
 
 
@@ -127,8 +127,9 @@ def add_event(conn, name: str, event: LeaseEvent, fence: int, holder: str | None
 
 
 def still_ours(conn, name: str, nonce: str, fence: int) -> bool:
-    """Does the row still name holder `nonce` in epoch `fence`?"""
-    row = conn.execute("SELECT holder_nonce, fence FROM leases WHERE name = ?", (name,)).fetchone()
+    """Does the row still name holder `nonce` in epoch `fence`? The row stays locked until the end
+    of the caller's transaction: no takeover commits in between."""
+    row = locked_row(conn, "SELECT holder_nonce, fence FROM leases WHERE name = ?", (name,), f"leases:{name}")
     return row is not None and row["holder_nonce"] == nonce and row["fence"] == fence
 
 
@@ -188,7 +189,7 @@ def _status(row: LeaseRow, me: Identity, clock, now_wall: float | None = None) -
                          clock.wall() if now_wall is None else now_wall)
 
 
-def lease_rows(conn: sqlite3.Connection, now_wall: float | None = None, *, clock=SYSTEM_CLOCK) -> list[dict]:
+def lease_rows(conn, now_wall: float | None = None, *, clock=SYSTEM_CLOCK) -> list[dict]:
     """Every lease with its state: what `ingest leases --json` prints."""
     me = Identity.current()
     now_wall = clock.wall() if now_wall is None else now_wall
@@ -217,21 +218,21 @@ def lease_rows(conn: sqlite3.Connection, now_wall: float | None = None, *, clock
     return out
 
 
-def lease_history(conn: sqlite3.Connection, name: str | None = None, limit: int = 50) -> list[dict]:
+def lease_history(conn, name: str | None = None, limit: int = 50) -> list[dict]:
     """The last `limit` events (of one lease, or all), oldest first."""
     where, args = ("WHERE name = ?", [name]) if name else ("", [])
     rows = conn.execute(
-        f"SELECT * FROM (SELECT * FROM lease_events {where} ORDER BY id DESC LIMIT ?) ORDER BY id",
+        f"SELECT * FROM (SELECT * FROM lease_events {where} ORDER BY id DESC LIMIT ?) AS recent ORDER BY id",
         (*args, limit),
     ).fetchall()
     return [dict(r) for r in rows]
 
 
-def lease_exists(conn: sqlite3.Connection, name: str) -> bool:
+def lease_exists(conn, name: str) -> bool:
     return conn.execute("SELECT 1 FROM leases WHERE name = ?", (name,)).fetchone() is not None
 
 
-def admin_release(conn: sqlite3.Connection, name: str, *, force: bool = False, clock=SYSTEM_CLOCK) -> str:
+def admin_release(conn, name: str, *, force: bool = False, clock=SYSTEM_CLOCK) -> str:
     """`ingest leases release`: clear the holder. Refuses (IngestError) while the holder is
     alive and renewing unless `force`. Returns the line to show the operator."""
     me = Identity.current()

@@ -1,4 +1,5 @@
-"""Leases: a named row in SQLite that one process holds while it keeps renewing it.
+"""Leases: a named row in the state store (SQLite or PostgreSQL) that one process holds while it
+keeps renewing it.
 
 A lease replaces a lock that could outlive its holder (docs/leases.md). This module is the
 process side: `LeaseTiming`, and `Lease` (acquire, heartbeat thread, fenced writes, release).
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Iterator
 
+from .backends import open_store, transaction
 from .clock import SYSTEM_CLOCK
 from .errors import EXIT_LEASE_LOST, ConfigError, IngestError
 from .lease_rules import LeaseEvent, Watch, decide_take
@@ -25,7 +27,6 @@ from .lease_table import (CorruptLease, add_event, clear_holder, holder_alive, r
                           write_renewal)
 from .procinfo import Identity
 from .settings import parse, setting
-from .store import connect, open_db, transaction
 
 log = logging.getLogger("ingest.leases")
 
@@ -79,11 +80,12 @@ class Lease:
     does every data write inside `fenced(conn)`. `lost` is the threading.Event behind `check()`;
     `wait_lost()` blocks on it."""
 
-    def __init__(self, db_path, name: str, timing: LeaseTiming = LeaseTiming(), clock=SYSTEM_CLOCK,
+    def __init__(self, db, name: str, timing: LeaseTiming = LeaseTiming(), clock=SYSTEM_CLOCK,
                  *, identity: Identity | None = None):
+        """`db`: what open_store takes (an SQLite path, a PostgreSQL URL) or a Store."""
         if not isinstance(name, str) or not name:
             raise ConfigError("a lease name must be non-empty text")
-        self.db_path = db_path
+        self.store = open_store(db)
         self.name = name
         self.timing = timing
         self.clock = clock
@@ -197,7 +199,7 @@ class Lease:
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
         try:
-            conn = connect(self.db_path)
+            conn = self.store.connect()
         except IngestError as e:
             self._set_lost(f"heartbeat cannot open the database: {e}")
             return
@@ -222,8 +224,10 @@ class Lease:
 
     @contextmanager
     def fenced(self, conn) -> Iterator:
-        """A write transaction (BEGIN IMMEDIATE) on the caller's connection that commits only if we
-        still hold the lease with our fencing token, checked inside the same transaction."""
+        """A write transaction on the caller's connection that commits only if we still hold the
+        lease with our fencing token, checked inside the same transaction (SQLite: BEGIN
+        IMMEDIATE; PostgreSQL: the lease row locked until the commit, so no takeover commits
+        between the check and our writes)."""
         self.check()
         fence = self._fence
         refused = False
@@ -270,7 +274,7 @@ class Lease:
         if fence is None:
             return
         try:
-            conn = connect(self.db_path, busy_timeout_ms=RELEASE_BUSY_MS)
+            conn = self.store.connect(busy_timeout_ms=RELEASE_BUSY_MS)
             try:
                 with transaction(conn, attempts=RELEASE_ATTEMPTS):
                     cleared = clear_holder(conn, self.name, self.me.nonce, fence)
@@ -314,5 +318,5 @@ class Lease:
 
     def _connection(self):
         if self._conn is None:
-            self._conn = open_db(self.db_path)
+            self._conn = self.store.open()
         return self._conn

@@ -1,17 +1,20 @@
-"""The token ledger: one row per Keepa account in SQLite, shared by every process that calls Keepa.
+"""The token ledger: one row per Keepa account in the state store, shared by every process that
+calls Keepa.
 
 The model (Keepa's bucket, the `Account` row and its projection, the policy, the records) is
 ingest/token_model.py; how the row changes is ingest/token_transitions.py (pure functions); who
 goes first while tokens are scarce is ingest/sharing.py. This module is the row's I/O: each
-operation (reserve / try_reserve, settle, release, rate_limited, sync) is BEGIN IMMEDIATE, load,
-transition, store. A reservation moves tokens from `balance` to `in_flight`; the server balance
-S is unchanged until the server charges.
+operation (reserve / try_reserve, settle, release, rate_limited, sync) is one write transaction:
+load (locked), transition, store. A reservation moves tokens from `balance` to `in_flight`; the
+server balance S is unchanged until the server charges.
 
-Every read-then-write is one `BEGIN IMMEDIATE` transaction (store.transaction): two processes can
-never both see the same tokens. Open reservations live in the same row (`holds`: per process,
-worker and minute, a count, a cost and the newest reservation's time), so a reservation reads and
-writes one row, one page. BEGIN is retried by the ledger itself with short jittered sleeps
-(store.Spin) on a busy_timeout = 0 connection (ledger_connection): fair under contention.
+Every read-then-write is one write transaction that reads the account row with
+backends.locked_row (SQLite: inside BEGIN IMMEDIATE; PostgreSQL: the row locked FOR UPDATE): two
+processes can never both see the same tokens. Open reservations live in the same row (`holds`:
+per process, worker and minute, a count, a cost and the newest reservation's time), so a
+reservation reads and writes one row, one page. On SQLite, BEGIN is retried by the ledger itself
+with short jittered sleeps (store.Spin) on a busy_timeout = 0 connection (ledger_connection):
+fair under contention; PostgreSQL grants row locks in order of arrival.
 Each server envelope resets S (the server is the authority):
 balance = tokensLeft - in_flight of the reservations still open. When another process's call was
 already charged but not yet settled, that under-counts the balance by its cost until it settles:
@@ -24,17 +27,18 @@ import os
 import threading
 from dataclasses import replace
 
+from .backends import backend_of, open_store
 from .clock import SYSTEM_CLOCK
 from .procinfo import start_time
 from .sharing import clear_waiting
-from .store import Spin, open_db, retry_busy, transaction
+from .store import Spin
 from .token_costs import estimate_cost, learn_cost, unit_cost
 from .token_model import Account, LedgerPolicy, Refusal, Reservation
 from .token_transitions import admit, apply_envelope, expire_holds, rate_limited, refunded, settled, slot_for
 
 SPIN = Spin(first_s=100e-6, max_s=2e-3)  # bench/ledger.py --spin: fewer wake-ups than 20-500 µs, as fair in p99
 PURGE_EVERY_S = 5.0
-CHECKPOINT_EVERY = 1000  # commits, on a connection without autocheckpoint (ledger_connection)
+CHECKPOINT_EVERY = 1000  # commits, on an SQLite connection without autocheckpoint (ledger_connection)
 _IDS = itertools.count(1)  # reservation ids, unique in the process
 
 
@@ -45,19 +49,11 @@ class Stopped(Exception):
 _json = json.JSONEncoder(separators=(",", ":")).encode  # compact; built once (json.dumps builds one per call)
 
 
-def ledger_connection(db_path):
-    """A connection for a Ledger of its own (what open_keepa uses): migrated, busy_timeout = 0,
-    so the ledger's own retries (SPIN) decide how long and how fairly to wait for the lock; and
-    no automatic checkpoint: the Ledger checkpoints every CHECKPOINT_EVERY commits itself.
-
-    Why: once the WAL passes wal_autocheckpoint pages, SQLite checkpoints after *every* commit
-    until a writer manages to restart the WAL, which another process's BEGIN attempt (holding a
-    read mark for a moment) keeps preventing under contention: each of those commits paid two
-    fsyncs (0.3-8 ms). Measured with 2 processes: 40k reservations in 2.8 s, 1.9 s without."""
-    conn = open_db(db_path)
-    conn.execute("PRAGMA busy_timeout = 0")
-    conn.execute("PRAGMA wal_autocheckpoint = 0")
-    return conn
+def ledger_connection(db):
+    """A migrated connection for a Ledger of its own (what open_keepa uses), tuned by the store's
+    backend: on SQLite busy_timeout = 0 (SPIN waits) and no automatic checkpoint (the Ledger
+    checkpoints every CHECKPOINT_EVERY commits); see ingest/backends/sqlite.py for why."""
+    return open_store(db).ledger_connection()
 
 
 def _holder() -> str:
@@ -77,27 +73,28 @@ class Ledger:
         self._next_purge = float("-inf")
         self._holder = _holder()
         self._open: set[int] = set()  # ids of the reservations this Ledger made and has not closed
-        autocheckpoint = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
-        self._commits_left = CHECKPOINT_EVERY if autocheckpoint <= 0 else None  # None: SQLite checkpoints
+        self._db = backend_of(conn)
+        self._key = f"token_accounts:{account}"  # what locks the row before it exists
+        self._commits_left = self._db.checkpoint_every(conn, CHECKPOINT_EVERY)  # None: the store checkpoints
 
     def _committed(self) -> None:
-        """After each write transaction: a passive checkpoint every CHECKPOINT_EVERY commits when
-        the connection does not checkpoint automatically (it never waits, never fails for busy)."""
+        """After each write transaction: a checkpoint every CHECKPOINT_EVERY commits when the
+        connection does not checkpoint automatically (SQLite's passive one never waits)."""
         if self._commits_left is None:
             return
         self._commits_left -= 1
         if self._commits_left <= 0:
             self._commits_left = CHECKPOINT_EVERY
-            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self._db.checkpoint(self.conn)
 
     # ------------------------------------------------------------------ reading
 
     def load(self) -> Account | None:
-        """The row as stored (not projected)."""
+        """The row as stored (not projected); locked until the commit inside a write transaction."""
         if self.conn.in_transaction:
-            row = self.conn.execute(self._SELECT, (self.account,)).fetchone()
-        else:  # on a busy_timeout = 0 connection a read may be refused for a moment
-            row = retry_busy(SPIN, lambda: self.conn.execute(self._SELECT, (self.account,)).fetchone())
+            row = self._db.locked_row(self.conn, self._SELECT, (self.account,), self._key)
+        else:
+            row = self._db.read(self.conn, SPIN, lambda: self.conn.execute(self._SELECT, (self.account,)).fetchone())
         return Account.from_row(row) if row is not None else None
 
     def state(self) -> Account | None:
@@ -112,21 +109,20 @@ class Ledger:
         )
 
     def estimate(self, kind: str, units: int) -> float:
-        return retry_busy(SPIN, estimate_cost, self.conn, self.account, kind, units)
+        return self._db.read(self.conn, SPIN, estimate_cost, self.conn, self.account, kind, units)
 
     def unit_cost(self, kind: str) -> float:
         """The learned cost of one unit (page, ASIN) of `kind`."""
-        return retry_busy(SPIN, unit_cost, self.conn, self.account, kind)
+        return self._db.read(self.conn, SPIN, unit_cost, self.conn, self.account, kind)
 
     # ------------------------------------------------------------------ server envelopes
 
     def claim_token_sync(self, force: bool = False) -> bool:
         """Take the right to make the free /token call: at most one per account per minute."""
         now = self.clock.wall()
-        with transaction(self.conn, spin=SPIN):
-            row = self.conn.execute(
-                "SELECT token_synced_at FROM token_accounts WHERE account = ?", (self.account,)
-            ).fetchone()
+        with self._db.transaction(self.conn, spin=SPIN):
+            row = self._db.locked_row(self.conn, "SELECT token_synced_at FROM token_accounts WHERE account = ?",
+                                      (self.account,), self._key)
             if row and row[0] is not None and now - row[0] < self.policy.token_sync_every_s and not force:
                 return False
             if row:
@@ -138,7 +134,7 @@ class Ledger:
     def sync(self, envelope, *, from_token_call: bool = False) -> Account:
         """Apply an envelope that settles no reservation (a /token call)."""
         now = self.clock.wall()
-        with transaction(self.conn, spin=SPIN):
+        with self._db.transaction(self.conn, spin=SPIN):
             account = apply_envelope(self._load_for_update(now), envelope, now, self.account)
             if from_token_call:
                 account = replace(account, token_synced_at=now)
@@ -199,7 +195,7 @@ class Ledger:
         as busy until it is admitted or stops."""
         now = self.clock.wall()
         slot = slot_for(self._holder, worker, now)
-        with transaction(self.conn, spin=SPIN):
+        with self._db.transaction(self.conn, spin=SPIN):
             admission = admit(self._load_for_update(now), cost, worker, kind, slot, now, self.policy,
                               waiting=waiting)
             self._store_hot(admission.account)
@@ -212,7 +208,7 @@ class Ledger:
 
     def _clear_waiting(self, worker: str) -> None:
         try:
-            with transaction(self.conn, spin=SPIN):
+            with self._db.transaction(self.conn, spin=SPIN):
                 account = self.load()
                 if account is not None and worker in account.workers:
                     self._store(replace(account, workers=clear_waiting(account.workers, worker)))
@@ -225,7 +221,7 @@ class Ledger:
         """The call was made: replace the estimate by what the server charged and resync from its
         envelope (token_transitions.settled); learn the cost per unit; log the call."""
         now = self.clock.wall()
-        with transaction(self.conn, spin=SPIN):
+        with self._db.transaction(self.conn, spin=SPIN):
             account = settled(self._load_for_update(now), reservation, envelope, now, self.policy,
                               held=reservation.id in self._open)
             consumed = envelope.tokens_consumed if envelope is not None else None
@@ -241,7 +237,7 @@ class Ledger:
     def release(self, reservation: Reservation) -> None:
         """The call was never made (stopped before sending): give the tokens back."""
         now = self.clock.wall()
-        with transaction(self.conn, spin=SPIN):
+        with self._db.transaction(self.conn, spin=SPIN):
             self._store(refunded(self._load_for_update(now), reservation, now, self.policy,
                                  held=reservation.id in self._open))
         self._open.discard(reservation.id)
@@ -251,7 +247,7 @@ class Ledger:
         """A 429: it cost nothing. Store the server's balance and hold everyone until the
         projected balance is positive again (token_transitions.rate_limited)."""
         now = self.clock.wall()
-        with transaction(self.conn, spin=SPIN):
+        with self._db.transaction(self.conn, spin=SPIN):
             account = rate_limited(self._load_for_update(now), reservation, envelope, now, self.policy,
                                    held=reservation.id in self._open)
             self._store(account)
@@ -267,7 +263,7 @@ class Ledger:
                   blocked_until: float | None = None, flow_reduction: float = 0.0) -> None:
         """Write the row directly (tests, benches, `ingest tokens` never)."""
         now = self.clock.wall()
-        with transaction(self.conn, spin=SPIN):
+        with self._db.transaction(self.conn, spin=SPIN):
             old = self.load()  # open reservations are dropped with the rest
             self._store(Account(
                 account=self.account, balance=balance, in_flight=0.0, as_of=now, refill_rate=refill_rate,

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DiskFull, StoreError
+from .errors import ConfigError, DiskFull, StoreError
 
 DEFAULT_DB_PATH = "var/ingest.db"
 BUSY_TIMEOUT_MS = 5_000
@@ -32,6 +32,9 @@ def resolve_db_path(explicit: str | None = None, config: dict | None = None) -> 
         or ((config or {}).get("store") or {}).get("db")
         or DEFAULT_DB_PATH
     )
+    if chosen.startswith(("postgresql://", "postgres://")):  # the URL is not shown: it may hold a password
+        raise ConfigError("--db / INGEST_DB / [store] db: PostgreSQL is not supported by the workers and the CLI"
+                          " yet, only by the lease and ledger code (docs/postgres.md); use an SQLite file")
     return Path(chosen)
 
 

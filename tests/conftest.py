@@ -58,3 +58,33 @@ try:
         _hypothesis_settings.load_profile("ci")
 except ImportError:  # pragma: no cover
     pass
+
+
+# ---------------------------------------------------------------- PostgreSQL (tests/pg_server.py)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One real PostgreSQL server for the session (skips, saying why, where none can run)."""
+    from .pg_server import PgServer, why_unavailable
+
+    reason = why_unavailable()
+    if reason:
+        pytest.skip(reason)
+    server = PgServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """A new, empty database on the session's server."""
+    return pg_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request, db_path):
+    """The same test on both stores: an SQLite file path, or a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return db_path
+    return request.getfixturevalue("pg_url")

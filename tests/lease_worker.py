@@ -3,12 +3,17 @@
     python tests/lease_worker.py DB NAME hold     [--ttl 3 --renew 1 --retry 0.2 --write-every 0.2]
     python tests/lease_worker.py DB NAME contend  --rounds 30
 
+DB is an SQLite file or a postgresql:// URL (ingest.backends.open_store).
+
 It prints one line per event on stdout, with CLOCK_MONOTONIC readings (system-wide, so the test
 process can compare them with its own):
     READY <mono>                       about to contend
     ACQUIRED <fence> <mono> <attempts>
     RELEASED <fence> <mono>            (contend: just before release; hold: after SIGTERM's release)
     LOST <fence> <mono> <how>          how = fenced (a fenced write was refused) | heartbeat; exit 5
+    WRITE_FAILED <mono>                a fenced write failed (StoreError) and is tried again: on
+                                       PostgreSQL, the session of a holder stopped inside it was
+                                       ended by the server (idle_in_transaction_session_timeout)
 
 Every fenced write inserts (fence, pid, mono) into lease_work, so the tests can check that the
 writes of successive holders never interleave.
@@ -22,11 +27,19 @@ import sys
 import threading
 import time
 
-from ingest.errors import EXIT_LEASE_LOST
+from ingest.errors import EXIT_LEASE_LOST, StoreError
 from ingest.leases import Lease, LeaseLost, LeaseTiming
-from ingest.store import open_db, transaction
+from ingest.backends import open_store, transaction
 
-WORK_TABLE = "CREATE TABLE IF NOT EXISTS lease_work (id INTEGER PRIMARY KEY, fence INTEGER, pid INTEGER, mono REAL)"
+# id: commit order of the fenced writes (successive holders' writes are serialised by the lease)
+WORK_TABLE = {
+    "sqlite": ["CREATE TABLE IF NOT EXISTS lease_work (id INTEGER PRIMARY KEY, fence INTEGER, pid INTEGER, mono REAL)"],
+    "postgresql": [
+        "SELECT pg_advisory_xact_lock(4242)",  # two workers starting at once: one CREATE at a time
+        "CREATE TABLE IF NOT EXISTS lease_work (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+        " fence BIGINT, pid BIGINT, mono DOUBLE PRECISION)",
+    ],
+}
 
 
 def mono() -> float:
@@ -68,7 +81,10 @@ def hold(lease: Lease, timing: LeaseTiming, conn, write_every: float) -> int:
             if lease.lost.is_set():
                 say("LOST", lease.fence, mono(), "heartbeat")
                 return EXIT_LEASE_LOST
-            fenced_write(lease, conn)
+            try:
+                fenced_write(lease, conn)
+            except StoreError:  # rolled back whole: the step runs again, as a worker's would
+                say("WRITE_FAILED", mono())
             stop.wait(write_every)
     except LeaseLost:
         say("LOST", lease.fence, mono(), "fenced")
@@ -107,10 +123,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=30)
     args = p.parse_args()
     timing = LeaseTiming(args.ttl, args.renew, args.retry)
-    conn = open_db(args.db)
+    store = open_store(args.db)
+    conn = store.open()
     with transaction(conn):
-        conn.execute(WORK_TABLE)
-    lease = Lease(args.db, args.name, timing)
+        for statement in WORK_TABLE[store.backend.name]:
+            conn.execute(statement)
+    lease = Lease(store, args.name, timing)
     if args.mode == "hold":
         return hold(lease, timing, conn, args.write_every)
     return contend(lease, timing, conn, args.rounds)

@@ -1,5 +1,7 @@
 """Lease rules in one process, time driven by FakeClock: expiry, renewal, takeover, fencing,
-timing validation, wall-clock steps; and the `ingest leases` commands."""
+timing validation, wall-clock steps; and the `ingest leases` commands. The rule tests (acquiring
+to releasing) run on an SQLite file and on a real PostgreSQL server (`store_target`); the
+commands, corrupt rows and schema checks on SQLite (the CLI does not take a URL yet)."""
 
 import dataclasses
 import json
@@ -14,6 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from ingest.cli import main
+from ingest.backends import open_store
+from ingest.backends import transaction as store_transaction
 from ingest.clock import SYSTEM_CLOCK, FakeClock
 from ingest.errors import EXIT_DATABASE, ConfigError, StoreError
 from ingest.lease_rules import LeaseEvent
@@ -25,6 +29,13 @@ from ingest.store import open_db, transaction
 from .conftest import INGEST
 
 TIMING = LeaseTiming(ttl_s=30, renew_s=10, retry_s=2)
+
+try:
+    import psycopg
+
+    DB_ERRORS = (sqlite3.Error, psycopg.Error)
+except ImportError:  # pragma: no cover - no postgres extra: the PostgreSQL cases skip
+    DB_ERRORS = (sqlite3.Error,)
 
 
 @pytest.fixture
@@ -38,6 +49,16 @@ def conn(db_path):
     with transaction(c):
         c.execute("CREATE TABLE work (id INTEGER PRIMARY KEY, fence INTEGER)")
     return c
+
+
+@pytest.fixture
+def store_conn(store_target):
+    """For the rule tests that run on both stores (SQLite file, PostgreSQL server)."""
+    c = open_store(store_target).open()
+    with store_transaction(c):
+        c.execute("CREATE TABLE work (fence INTEGER)")
+    yield c
+    c.close()
 
 
 def lease(db_path, clock, identity=None, timing=TIMING, name="job"):
@@ -100,55 +121,55 @@ def test_timing_from_config():
 # ---------------------------------------------------------------- acquire, renew, expiry
 
 
-def test_free_lease_is_acquired_with_fence_1(db_path, clock, conn):
-    a = lease(db_path, clock)
+def test_free_lease_is_acquired_with_fence_1(store_target, clock, store_conn):
+    a = lease(store_target, clock)
     assert a.try_acquire() and a.fence == 1
-    assert event_names(conn) == ["acquired"]
-    r = row(conn)
+    assert event_names(store_conn) == ["acquired"]
+    r = row(store_conn)
     assert (r["holder_pid"], r["holder_start"], r["fence"], r["transitions"]) == (os.getpid(), start_time(os.getpid()), 1, 1)
 
 
-def test_live_holder_keeps_the_lease_while_renewing(db_path, clock, conn):
-    a, b = lease(db_path, clock), lease(db_path, clock)
+def test_live_holder_keeps_the_lease_while_renewing(store_target, clock, store_conn):
+    a, b = lease(store_target, clock), lease(store_target, clock)
     assert a.try_acquire()
     for _ in range(10):
         clock.advance(TIMING.ttl_s - 1)
         assert a.renew()
         assert not b.try_acquire()
-    assert row(conn)["renewals"] == 10 and a.fence == 1
+    assert row(store_conn)["renewals"] == 10 and a.fence == 1
 
 
-def test_holder_that_stops_renewing_expires_after_ttl(db_path, clock, conn):
-    a, b = lease(db_path, clock), lease(db_path, clock)
+def test_holder_that_stops_renewing_expires_after_ttl(store_target, clock, store_conn):
+    a, b = lease(store_target, clock), lease(store_target, clock)
     assert a.try_acquire()
     clock.advance(TIMING.ttl_s - 0.1)
     assert not b.try_acquire()
     clock.advance(0.2)
     assert b.try_acquire() and b.fence == 2
-    assert event_names(conn) == ["acquired", "taken_over_expired"]
+    assert event_names(store_conn) == ["acquired", "taken_over_expired"]
 
 
-def test_dead_local_holder_is_taken_over_at_once(db_path, clock, conn):
+def test_dead_local_holder_is_taken_over_at_once(store_target, clock, store_conn):
     me = Identity.current()
     gone = dataclasses.replace(me, pid=dead_pid(), nonce="gone")
-    a = lease(db_path, clock, identity=gone)
+    a = lease(store_target, clock, identity=gone)
     assert a.try_acquire()
-    b = lease(db_path, clock)
+    b = lease(store_target, clock)
     assert b.try_acquire() and b.fence == 2  # no clock advance at all
-    assert event_names(conn) == ["acquired", "taken_over_dead"]
+    assert event_names(store_conn) == ["acquired", "taken_over_dead"]
 
 
-def test_reused_pid_counts_as_dead(db_path, clock, conn):
+def test_reused_pid_counts_as_dead(store_target, clock, store_conn):
     """Our own pid, but a different start time: the original holder is gone."""
     impostor = dataclasses.replace(Identity.current(), start="1", nonce="old")
-    assert lease(db_path, clock, identity=impostor).try_acquire()
-    assert lease(db_path, clock).try_acquire()
-    assert event_names(conn)[-1] == "taken_over_dead"
+    assert lease(store_target, clock, identity=impostor).try_acquire()
+    assert lease(store_target, clock).try_acquire()
+    assert event_names(store_conn)[-1] == "taken_over_dead"
 
 
-def test_remote_holder_expires_only_after_a_ttl_of_observed_silence(db_path, clock, conn):
-    holder = lease(db_path, clock, identity=remote_identity())
-    contender = lease(db_path, clock)
+def test_remote_holder_expires_only_after_a_ttl_of_observed_silence(store_target, clock, store_conn):
+    holder = lease(store_target, clock, identity=remote_identity())
+    contender = lease(store_target, clock)
     assert holder.try_acquire()
     clock.advance(TIMING.ttl_s * 10)   # stale by any clock, but we have not watched it yet
     assert not contender.try_acquire()  # first look starts the observation
@@ -159,21 +180,21 @@ def test_remote_holder_expires_only_after_a_ttl_of_observed_silence(db_path, clo
     assert not contender.try_acquire()
     clock.advance(2)
     assert contender.try_acquire() and contender.fence == 2
-    assert event_names(conn)[-1] == "taken_over_expired"
+    assert event_names(store_conn)[-1] == "taken_over_expired"
 
 
-def test_without_a_boot_id_no_holder_counts_as_local(db_path, clock):
+def test_without_a_boot_id_no_holder_counts_as_local(store_target, clock):
     """No /proc (not Linux): a pid check would be meaningless, so only the TTL rule applies."""
     blind = dataclasses.replace(Identity.current(), boot=UNKNOWN_BOOT)
-    assert lease(db_path, clock, identity=dataclasses.replace(blind, pid=dead_pid(), nonce="x")).try_acquire()
-    contender = lease(db_path, clock, identity=blind)
+    assert lease(store_target, clock, identity=dataclasses.replace(blind, pid=dead_pid(), nonce="x")).try_acquire()
+    contender = lease(store_target, clock, identity=blind)
     assert not contender.try_acquire()
     clock.advance(TIMING.ttl_s + 1)
     assert contender.try_acquire()
 
 
-def test_acquire_waits_then_takes_over_or_gives_up(db_path, clock):
-    a, b = lease(db_path, clock), lease(db_path, clock)
+def test_acquire_waits_then_takes_over_or_gives_up(store_target, clock):
+    a, b = lease(store_target, clock), lease(store_target, clock)
     assert a.try_acquire()
     assert not b.acquire(timeout=TIMING.ttl_s / 2)   # FakeClock: sleeping advances time
     stop = threading.Event()
@@ -183,24 +204,24 @@ def test_acquire_waits_then_takes_over_or_gives_up(db_path, clock):
     assert b.fence == 2
 
 
-def test_fence_only_grows_across_holders(db_path, clock, conn):
+def test_fence_only_grows_across_holders(store_target, clock, store_conn):
     fences = []
     for _ in range(4):
-        x = lease(db_path, clock)
+        x = lease(store_target, clock)
         assert x.try_acquire()
         fences.append(x.fence)
         x.release()
     assert fences == [1, 2, 3, 4]
-    with pytest.raises(sqlite3.IntegrityError, match="fence only grows"):
-        conn.execute("UPDATE leases SET fence = 1")
+    with pytest.raises(DB_ERRORS, match="fence only grows"):
+        store_conn.execute("UPDATE leases SET fence = 1")
 
 
 # ---------------------------------------------------------------- wall-clock steps
 
 
 @pytest.mark.parametrize("holder_identity", [None, remote_identity()], ids=["local", "remote"])
-def test_wall_clock_forward_step_does_not_expire_a_live_holder(db_path, clock, holder_identity):
-    holder, contender = lease(db_path, clock, identity=holder_identity), lease(db_path, clock)
+def test_wall_clock_forward_step_does_not_expire_a_live_holder(store_target, clock, holder_identity):
+    holder, contender = lease(store_target, clock, identity=holder_identity), lease(store_target, clock)
     assert holder.try_acquire()
     assert not contender.try_acquire()
     for _ in range(5):
@@ -211,8 +232,8 @@ def test_wall_clock_forward_step_does_not_expire_a_live_holder(db_path, clock, h
 
 
 @pytest.mark.parametrize("holder_identity", [None, remote_identity()], ids=["local", "remote"])
-def test_wall_clock_backward_step_does_not_extend_a_silent_holder(db_path, clock, holder_identity):
-    holder, contender = lease(db_path, clock, identity=holder_identity), lease(db_path, clock)
+def test_wall_clock_backward_step_does_not_extend_a_silent_holder(store_target, clock, holder_identity):
+    holder, contender = lease(store_target, clock, identity=holder_identity), lease(store_target, clock)
     assert holder.try_acquire()
     assert not contender.try_acquire()
     clock.step_wall(-86400)               # wall clock goes back a day: its expires_at looks far away
@@ -220,21 +241,21 @@ def test_wall_clock_backward_step_does_not_extend_a_silent_holder(db_path, clock
     assert contender.try_acquire()
 
 
-def test_status_uses_monotonic_age_for_local_holders(db_path, clock, conn):
-    a = lease(db_path, clock)
+def test_status_uses_monotonic_age_for_local_holders(store_target, clock, store_conn):
+    a = lease(store_target, clock)
     assert a.try_acquire()
     clock.step_wall(+86400)
-    [r] = lease_rows(conn, clock=clock)
+    [r] = lease_rows(store_conn, clock=clock)
     assert r["state"] == "held" and r["basis"] == "monotonic" and r["expires_in"] == TIMING.ttl_s
     clock.advance(TIMING.ttl_s + 1)
-    assert lease_rows(conn, clock=clock)[0]["state"] == "expired"
+    assert lease_rows(store_conn, clock=clock)[0]["state"] == "expired"
 
 
 # ---------------------------------------------------------------- losing, fencing, releasing
 
 
-def test_renewal_after_takeover_marks_the_lease_lost_once(db_path, clock, conn):
-    a, b = lease(db_path, clock), lease(db_path, clock)
+def test_renewal_after_takeover_marks_the_lease_lost_once(store_target, clock, store_conn):
+    a, b = lease(store_target, clock), lease(store_target, clock)
     assert a.try_acquire()
     clock.advance(TIMING.ttl_s + 1)
     assert b.try_acquire()
@@ -242,53 +263,53 @@ def test_renewal_after_takeover_marks_the_lease_lost_once(db_path, clock, conn):
     assert not a.renew()
     with pytest.raises(LeaseLost):
         a.check()
-    assert event_names(conn) == ["acquired", "taken_over_expired", "lost"]
+    assert event_names(store_conn) == ["acquired", "taken_over_expired", "lost"]
 
 
-def test_fenced_write_commits_while_held(db_path, clock, conn):
-    a = lease(db_path, clock)
+def test_fenced_write_commits_while_held(store_target, clock, store_conn):
+    a = lease(store_target, clock)
     assert a.try_acquire()
-    with a.fenced(conn) as c:
+    with a.fenced(store_conn) as c:
         c.execute("INSERT INTO work (fence) VALUES (?)", (a.fence,))
-    assert [tuple(r) for r in conn.execute("SELECT fence FROM work")] == [(1,)]
+    assert [tuple(r) for r in store_conn.execute("SELECT fence FROM work")] == [(1,)]
     with pytest.raises(ZeroDivisionError):
-        with a.fenced(conn) as c:
+        with a.fenced(store_conn) as c:
             c.execute("INSERT INTO work (fence) VALUES (99)")
             1 / 0
-    assert conn.execute("SELECT count(*) FROM work").fetchone()[0] == 1  # rolled back
-    assert not conn.in_transaction
+    assert store_conn.execute("SELECT count(*) FROM work").fetchone()[0] == 1  # rolled back
+    assert not store_conn.in_transaction
 
 
-def test_fenced_write_after_takeover_is_refused_and_nothing_written(db_path, clock, conn):
-    a, b = lease(db_path, clock), lease(db_path, clock)
+def test_fenced_write_after_takeover_is_refused_and_nothing_written(store_target, clock, store_conn):
+    a, b = lease(store_target, clock), lease(store_target, clock)
     assert a.try_acquire()
     clock.advance(TIMING.ttl_s + 1)   # a was paused; nobody told it
     assert b.try_acquire()
     ran = []
     with pytest.raises(LeaseLost, match="write refused"):
-        with a.fenced(conn) as c:
+        with a.fenced(store_conn) as c:
             ran.append(1)
             c.execute("INSERT INTO work (fence) VALUES (1)")
-    assert ran == [] and conn.execute("SELECT count(*) FROM work").fetchone()[0] == 0
-    assert a.lost.is_set() and event_names(conn)[-1] == "lost"
+    assert ran == [] and store_conn.execute("SELECT count(*) FROM work").fetchone()[0] == 0
+    assert a.lost.is_set() and event_names(store_conn)[-1] == "lost"
     with pytest.raises(LeaseLost):
-        with a.fenced(conn):
+        with a.fenced(store_conn):
             pass
-    assert event_names(conn).count("lost") == 1
+    assert event_names(store_conn).count("lost") == 1
 
 
-def test_release_is_idempotent_and_never_clears_a_new_holder(db_path, clock, conn):
-    a, b = lease(db_path, clock), lease(db_path, clock)
+def test_release_is_idempotent_and_never_clears_a_new_holder(store_target, clock, store_conn):
+    a, b = lease(store_target, clock), lease(store_target, clock)
     a.release()  # never held: nothing
     assert a.try_acquire()
     a.release()
     a.release()
-    assert row(conn)["holder_nonce"] is None and event_names(conn) == ["acquired", "released"]
+    assert row(store_conn)["holder_nonce"] is None and event_names(store_conn) == ["acquired", "released"]
     assert a.try_acquire() and a.fence == 2
     clock.advance(TIMING.ttl_s + 1)
     assert b.try_acquire()
     a.release()  # a lost it: b keeps it
-    assert row(conn)["holder_nonce"] == b.me.nonce
+    assert row(store_conn)["holder_nonce"] == b.me.nonce
     with pytest.raises(LeaseLost):
         a.fence
 

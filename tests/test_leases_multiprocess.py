@@ -1,14 +1,14 @@
 """Leases between real processes: mutual exclusion, kill -9, SIGSTOP/SIGCONT, SIGTERM.
 
 Workers are tests/lease_worker.py processes; their CLOCK_MONOTONIC readings are comparable with
-ours (one host, one boot). Short timings (ttl 3 s, renew 1 s, retry 0.2 s) keep each test a few
+ours (one host, one boot). Every test runs on an SQLite file and on a real PostgreSQL server
+(tests/pg_server.py). Short timings (ttl 3 s, renew 1 s, retry 0.2 s) keep each test a few
 seconds; the timed assertions are generous bounds on the behaviour that is the point of the test.
 """
 
 import os
 import queue
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from ingest.backends import open_store
 from ingest.errors import EXIT_LEASE_LOST
 
 HELPER = str(Path(__file__).with_name("lease_worker.py"))
@@ -81,18 +82,20 @@ def workers():
         w.stop()
 
 
+def query(db, sql: str, params: tuple = ()) -> list[tuple]:
+    conn = open_store(db).connect()
+    try:
+        return [tuple(r) for r in conn.execute(sql, params).fetchall()]
+    finally:
+        conn.close()
+
+
 def events(db, name="job"):
-    conn = sqlite3.connect(db)
-    rows = conn.execute("SELECT event, fence, holder FROM lease_events WHERE name = ? ORDER BY id", (name,)).fetchall()
-    conn.close()
-    return rows
+    return query(db, "SELECT event, fence, holder FROM lease_events WHERE name = ? ORDER BY id", (name,))
 
 
 def work_fences(db) -> list[tuple[int, int]]:
-    conn = sqlite3.connect(db)
-    rows = conn.execute("SELECT fence, pid FROM lease_work ORDER BY id").fetchall()
-    conn.close()
-    return rows
+    return query(db, "SELECT fence, pid FROM lease_work ORDER BY id")
 
 
 def assert_writes_never_interleave(db):
@@ -106,21 +109,21 @@ def assert_writes_never_interleave(db):
         assert owners.setdefault(fence, pid) == pid
 
 
-def test_two_contenders_never_hold_the_lease_at_once(db_path, workers):
+def test_two_contenders_never_hold_the_lease_at_once(store_target, workers):
     rounds = 30
     fast = ["--rounds", str(rounds)]
-    a = workers(db_path, "job", "contend", *fast)
-    b = workers(db_path, "job", "contend", *fast)
+    a = workers(store_target, "job", "contend", *fast)
+    b = workers(store_target, "job", "contend", *fast)
     assert a.proc.wait(60) == 0 and b.proc.wait(60) == 0, (a.proc.stderr.read(), b.proc.stderr.read())
 
     # events: strictly acquired(n), released(n), acquired(n+1), ... with no takeover
-    evs = events(db_path)
+    evs = events(store_target)
     assert len(evs) == 4 * rounds
     for i in range(0, len(evs), 2):
         fence = i // 2 + 1
         assert evs[i][:2] == ("acquired", fence) and evs[i + 1][:2] == ("released", fence)
         assert evs[i][2] == evs[i + 1][2]  # released by whoever acquired
-    assert_writes_never_interleave(db_path)
+    assert_writes_never_interleave(store_target)
 
     # each process's own view: holding intervals (monotonic, comparable across processes) are disjoint
     intervals = []
@@ -136,43 +139,43 @@ def test_two_contenders_never_hold_the_lease_at_once(db_path, workers):
         assert end < start
 
 
-def test_kill_9_holder_is_taken_over_through_the_liveness_rule(db_path, workers):
-    a = workers(db_path, "job", "hold")
+def test_kill_9_holder_is_taken_over_through_the_liveness_rule(store_target, workers):
+    a = workers(store_target, "job", "hold")
     a.expect("ACQUIRED")
-    b = workers(db_path, "job", "hold")
+    b = workers(store_target, "job", "hold")
     b.expect("READY")
     time.sleep(2 * RETRY)  # b is polling now
     killed_at = mono()
     a.signal(signal.SIGKILL)  # not reaped yet: a zombie is dead too
     acquired = b.expect("ACQUIRED")
     assert float(acquired[2]) - killed_at < TTL / 2  # well before the TTL: ~one retry interval
-    assert events(db_path)[-1][:2] == ("taken_over_dead", 2)
+    assert events(store_target)[-1][:2] == ("taken_over_dead", 2)
     b.signal(signal.SIGTERM)
     assert b.proc.wait(10) == 0
 
 
-def test_new_process_takes_over_a_dead_processes_row_at_once(db_path, workers):
-    a = workers(db_path, "job", "hold")
+def test_new_process_takes_over_a_dead_processes_row_at_once(store_target, workers):
+    a = workers(store_target, "job", "hold")
     a.expect("ACQUIRED")
     a.signal(signal.SIGKILL)
     a.proc.wait(10)
-    b = workers(db_path, "job", "hold")
+    b = workers(store_target, "job", "hold")
     _, fence, _, attempts = b.expect("ACQUIRED")
     assert (fence, attempts) == ("2", "1")  # first try, no waiting for the TTL
-    assert events(db_path)[-1][0] == "taken_over_dead"
+    assert events(store_target)[-1][0] == "taken_over_dead"
 
 
-def test_stopped_holder_loses_lease_and_its_next_fenced_write_is_refused(db_path, workers):
-    a = workers(db_path, "job", "hold")
+def test_stopped_holder_loses_lease_and_its_next_fenced_write_is_refused(store_target, workers):
+    a = workers(store_target, "job", "hold")
     a.expect("ACQUIRED")
     time.sleep(0.5)
     stopped_at = mono()
     a.signal(signal.SIGSTOP)
-    b = workers(db_path, "job", "hold")
+    b = workers(store_target, "job", "hold")
     taken = float(b.expect("ACQUIRED", timeout=TTL + 10)[2]) - stopped_at
     # a's last renewal was at most renew_s before the stop: expiry is TTL after that renewal
     assert TTL - RENEW - 0.2 <= taken <= TTL + 3
-    assert events(db_path)[-1][:2] == ("taken_over_expired", 2)
+    assert events(store_target)[-1][:2] == ("taken_over_expired", 2)
     time.sleep(0.5)  # b writes a little under fence 2
 
     continued_at = mono()
@@ -180,21 +183,21 @@ def test_stopped_holder_loses_lease_and_its_next_fenced_write_is_refused(db_path
     lost = a.expect("LOST")
     assert a.proc.wait(10) == EXIT_LEASE_LOST
     assert float(lost[2]) - continued_at < RENEW + 0.5  # noticed within a heartbeat
-    assert_writes_never_interleave(db_path)  # a's write after SIGCONT never committed
-    assert ("lost", 1) in [e[:2] for e in events(db_path)]
+    assert_writes_never_interleave(store_target)  # a's write after SIGCONT never committed
+    assert ("lost", 1) in [e[:2] for e in events(store_target)]
 
     b.signal(signal.SIGTERM)
     b.expect("RELEASED")
     assert b.proc.wait(10) == 0
 
 
-def test_sigterm_releases_so_the_next_contender_need_not_wait(db_path, workers):
-    a = workers(db_path, "job", "hold")
+def test_sigterm_releases_so_the_next_contender_need_not_wait(store_target, workers):
+    a = workers(store_target, "job", "hold")
     a.expect("ACQUIRED")
-    b = workers(db_path, "job", "hold")
+    b = workers(store_target, "job", "hold")
     b.expect("READY")
     a.signal(signal.SIGTERM)
     assert a.proc.wait(10) == 0
     released_at = mono()
     assert float(b.expect("ACQUIRED")[2]) - released_at < 2 * RETRY + 0.5
-    assert [e[0] for e in events(db_path)][-2:] == ["released", "acquired"]
+    assert [e[0] for e in events(store_target)][-2:] == ["released", "acquired"]

@@ -1,10 +1,12 @@
 """Ledger arithmetic on an injected clock: ticks, cap, deficit, negative start, 429 block,
-staleness, settling, expiry, learned costs, sharing and interruptible waits."""
+staleness, settling, expiry, learned costs, sharing and interruptible waits. Every test that uses
+the `ledger` fixture runs on an SQLite file and on a real PostgreSQL server."""
 
 import threading
 
 import pytest
 
+from ingest.backends import open_store
 from ingest.clock import FakeClock
 from ingest.keepa import Envelope
 from ingest.ledger import Ledger, Stopped
@@ -33,7 +35,15 @@ def clock():
 
 
 @pytest.fixture
-def ledger(db_path, clock):
+def ledger(store_target, clock):
+    """A ledger on an SQLite file and, in a second run of each test, on PostgreSQL."""
+    return Ledger(open_store(store_target).open(), "acct", LedgerPolicy(), clock)
+
+
+@pytest.fixture
+def sqlite_ledger(db_path, clock):
+    """SQLite only: the call log's reads (ingest/calllog.py: sqlite-utils, sum() of a comparison)
+    are not ported to PostgreSQL yet (docs/postgres.md)."""
     return Ledger(open_db(db_path), "acct", LedgerPolicy(), clock)
 
 
@@ -287,13 +297,13 @@ def test_an_idle_workers_share_flows_to_the_other(ledger, clock):
 
 # ---------------------------------------------------------------- call log retention
 
-def test_call_log_keeps_n_days(ledger):
+def test_call_log_keeps_n_days(sqlite_ledger):
     from ingest.calllog import CallRecord, prune, recent
 
     for age_days in (40, 31, 29, 0):
-        CallRecord(at=NOW - age_days * 86400, worker="upsert", endpoint="deal").insert(ledger.conn, "acct")
-    assert prune(ledger.conn, NOW, days=30) == 2
-    assert sorted(round((NOW - r["at"]) / 86400) for r in recent(ledger.conn)) == [0, 29]
+        CallRecord(at=NOW - age_days * 86400, worker="upsert", endpoint="deal").insert(sqlite_ledger.conn, "acct")
+    assert prune(sqlite_ledger.conn, NOW, days=30) == 2
+    assert sorted(round((NOW - r["at"]) / 86400) for r in recent(sqlite_ledger.conn)) == [0, 29]
 
 
 # ---------------------------------------------------------------- holds and BEGIN retries
@@ -334,16 +344,16 @@ def test_spin_transaction_waits_for_the_lock_and_gives_up_after_its_budget(db_pa
     holder.execute("ROLLBACK")
 
 
-def test_spend_per_worker_is_what_the_ledger_settled_failed_charged_calls_included(ledger, clock):
+def test_spend_per_worker_is_what_the_ledger_settled_failed_charged_calls_included(sqlite_ledger, clock):
     from ingest.calllog import CallRecord, spend_by_worker
 
-    ledger.set_state(balance=100, refill_rate=5, next_tick=NOW + 30)
+    sqlite_ledger.set_state(balance=100, refill_rate=5, next_tick=NOW + 30)
 
     def call(worker, consumed, status="ok", envelope_status=200):
-        r = ledger.try_reserve(5, worker, "deal")
+        r = sqlite_ledger.try_reserve(5, worker, "deal")
         e = env(left=50, consumed=consumed, status=envelope_status)
-        ledger.settle(r, e, call=CallRecord(at=clock.wall(), worker=worker, endpoint="deal", estimated=5,
-                                            actual=e.tokens_consumed, status=status))
+        sqlite_ledger.settle(r, e, call=CallRecord(at=clock.wall(), worker=worker, endpoint="deal", estimated=5,
+                                                   actual=e.tokens_consumed, status=status))
 
     call("upsert", 3)
     clock.advance(10)
@@ -351,6 +361,6 @@ def test_spend_per_worker_is_what_the_ledger_settled_failed_charged_calls_includ
     call("upsert", 4)
     call("backfill", 5)
     call("backfill", 2, status="request_error", envelope_status=400)  # charged, then failed
-    spend = spend_by_worker(ledger.conn, since)
+    spend = spend_by_worker(sqlite_ledger.conn, since)
     assert {w: s["tokens"] for w, s in spend.items()} == {"upsert": 4, "backfill": 7}
-    assert spend_by_worker(ledger.conn, since - 10)["upsert"]["tokens"] == 7
+    assert spend_by_worker(sqlite_ledger.conn, since - 10)["upsert"]["tokens"] == 7

@@ -1,6 +1,8 @@
-"""Four real processes reserving against one ledger row never admit beyond the model; the naive
-deferred pattern (SELECT, then UPDATE, Python's default transaction handling) does, under the
-same load, which is why every read-then-write in the ledger is one BEGIN IMMEDIATE."""
+"""Four real processes reserving against one ledger row never admit beyond the model, on an
+SQLite file and on a real PostgreSQL server (tests/pg_server.py: the account row locked FOR
+UPDATE inside each transaction); the naive deferred pattern (SELECT, then UPDATE, Python's
+default transaction handling) does over-admit under the same load, which is why every
+read-then-write in the ledger is one write transaction that locks what it reads."""
 
 import json
 import os
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from ingest.clock import FakeClock
 from ingest.ledger import Ledger, ledger_connection
-from ingest.store import connect, open_db
+from ingest.backends import open_store
 from ingest.token_model import LedgerPolicy, Reservation, open_reservations
 
 from .conftest import ROOT
@@ -24,7 +26,11 @@ PROCESSES = 4
 def hammer(db: str, mode: str, go: str, out: str, worker: str) -> None:
     """Reserve 1 token at a time until refused; write how many were admitted. No clock ticks
     (a frozen clock), so the model admits exactly the starting balance, in total."""
-    if mode == "ledger":
+    if mode == "unlocked":  # PostgreSQL without its row lock: a plain read decides
+        from ingest.backends.postgres import POSTGRES
+
+        POSTGRES.locked_row = lambda conn, sql, params, key: conn.execute(sql, params).fetchone()
+    if mode in ("ledger", "unlocked"):
         ledger = Ledger(ledger_connection(db), "acct", LedgerPolicy(), FakeClock(wall=NOW))
     else:
         conn = sqlite3.connect(db, timeout=30)  # Python's default: a deferred transaction opened by the UPDATE
@@ -32,7 +38,7 @@ def hammer(db: str, mode: str, go: str, out: str, worker: str) -> None:
         time.sleep(0.001)
     admitted = 0
     while True:
-        if mode == "ledger":
+        if mode in ("ledger", "unlocked"):
             if not isinstance(ledger.try_reserve(1, worker, "deal"), Reservation):
                 break
         else:
@@ -46,15 +52,15 @@ def hammer(db: str, mode: str, go: str, out: str, worker: str) -> None:
     Path(out).write_text(json.dumps(admitted))
 
 
-def run_contention(db_path: Path, mode: str, balance: int) -> int:
-    ledger = Ledger(open_db(db_path), "acct", LedgerPolicy(), FakeClock(wall=NOW))
+def run_contention(db, workdir: Path, mode: str, balance: int) -> int:
+    ledger = Ledger(open_store(db).open(), "acct", LedgerPolicy(), FakeClock(wall=NOW))
     ledger.set_state(balance=balance, refill_rate=300, next_tick=NOW + 3600)
-    go = db_path.parent / f"go-{mode}"
+    go = workdir / f"go-{mode}"
     procs, outs = [], []
     for i in range(PROCESSES):
-        out = db_path.parent / f"{mode}-{i}.json"
+        out = workdir / f"{mode}-{i}.json"
         outs.append(out)
-        code = f"from tests.test_ledger_contention import hammer; hammer({str(db_path)!r}, {mode!r}, {str(go)!r}, {str(out)!r}, 'w{i}')"
+        code = f"from tests.test_ledger_contention import hammer; hammer({str(db)!r}, {mode!r}, {str(go)!r}, {str(out)!r}, 'w{i}')"
         procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT))
     try:
         time.sleep(0.5)  # let all four connect and spin on the go file
@@ -69,9 +75,9 @@ def run_contention(db_path: Path, mode: str, balance: int) -> int:
     return sum(json.loads(o.read_text()) for o in outs)
 
 
-def test_four_processes_never_admit_beyond_the_balance(db_path):
-    assert run_contention(db_path, "ledger", balance=2000) == 2000
-    a = Ledger(connect(db_path), "acct", LedgerPolicy(), FakeClock(wall=NOW)).load()
+def test_four_processes_never_admit_beyond_the_balance(store_target, tmp_path):
+    assert run_contention(store_target, tmp_path, "ledger", balance=2000) == 2000
+    a = Ledger(open_store(store_target).connect(), "acct", LedgerPolicy(), FakeClock(wall=NOW)).load()
     assert a.balance == 0 and a.in_flight == 2000
     held = open_reservations(a, 600)
     assert sum(h["count"] for h in held) == 2000 and sum(h["cost"] for h in held) == 2000
@@ -82,5 +88,10 @@ def test_four_processes_never_admit_beyond_the_balance(db_path):
 
 
 def test_the_naive_deferred_pattern_over_admits_under_the_same_load(db_path):
-    admitted = run_contention(db_path, "naive", balance=2000)
+    admitted = run_contention(db_path, db_path.parent, "naive", balance=2000)
     assert admitted > 2000, "the lost-update race did not show: the suite no longer guards against it"
+
+
+def test_on_postgresql_it_is_the_row_lock_that_prevents_over_admission(pg_url, tmp_path):
+    admitted = run_contention(pg_url, tmp_path, "unlocked", balance=2000)
+    assert admitted > 2000, "without SELECT ... FOR UPDATE the lost update did not show: the test proves nothing"

@@ -1,0 +1,297 @@
+"""The PostgreSQL backend (psycopg 3, the `postgres` install extra) behind the store boundary
+(ingest/backends/__init__.py, docs/postgres.md).
+
+- Connections are autocommit; a write transaction is an explicit BEGIN ... COMMIT at READ
+  COMMITTED. Writers are serialised per row, not per database: `locked_row` reads with
+  SELECT ... FOR UPDATE (and takes a transaction-scoped advisory lock on the row's key first
+  when the row does not exist yet, so its creation is serialised as well).
+- SQL arrives with `?` placeholders, as SQLite takes them, and is translated once to `%s`.
+- Rows can be read by column name and by position, as sqlite3.Row can.
+- A lock waited for longer than the connection's lock timeout (what SQLite calls busy_timeout)
+  fails the statement; it and every lost connection become one-line StoreErrors. A connection
+  the server dropped is opened again at the start of the next transaction.
+- Migrations: ingest/schema/postgres/vNNN_name.sql, with the version numbers of the SQLite files
+  they port; each applied version is recorded in `ingest_schema`.
+"""
+
+from importlib import resources
+import psycopg
+from psycopg.pq import TransactionStatus
+
+from ..errors import StoreError
+
+LEDGER_LOCK_TIMEOUT_MS = 10_000  # as long as the ledger's SQLite spin budget (store.Spin.budget_s)
+MIGRATION_LOCK = 0x1A6E57  # advisory lock key: one migrating process at a time
+CONNECT_TIMEOUT_S = 10
+# A client stopped inside a transaction (SIGSTOP, a frozen VM) would hold its row locks for as
+# long as its connection lives: the server ends such a session after this, so waiters (lock
+# timeout 5 s by default) get the row. No transaction of ours pauses between statements (no CPU
+# work inside a write transaction), so only a stuck client ever reaches it.
+IDLE_IN_TRANSACTION_MS = 3_000
+
+
+class Row:
+    """One result row: by column name (row["fence"]) or position (row[0]); dict(row) works."""
+
+    __slots__ = ("_values", "_index")
+
+    def __init__(self, values: tuple, index: dict):
+        self._values, self._index = values, index
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self._values[self._index[key]]
+        return self._values[key]
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __eq__(self, other) -> bool:
+        return tuple(self._values) == tuple(other)
+
+    def __repr__(self) -> str:
+        return f"Row({dict(zip(self._index, self._values))})"
+
+
+def _rows(cursor):
+    description = cursor.description or ()
+    index = {column.name: i for i, column in enumerate(description)}
+    return lambda values: Row(values, index)
+
+
+_TRANSLATED: dict[str, str] = {}
+
+
+def translate(sql: str) -> str:
+    """`?` placeholders to psycopg's `%s` (a literal % doubled). The SQL must hold no `?` in a
+    string literal (ours never does)."""
+    out = _TRANSLATED.get(sql)
+    if out is None:
+        out = _TRANSLATED[sql] = sql.replace("%", "%%").replace("?", "%s")
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _redacted_target(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        return "the PostgreSQL database"
+    return f"PostgreSQL database {info.get('dbname', '?')!r}"
+
+
+class PgConnection:
+    """A psycopg connection with the surface the lease and ledger code use (the same as
+    sqlite3's): execute(sql, params) -> cursor, in_transaction, close()."""
+
+    def __init__(self, url: str, lock_timeout_ms: int):
+        self.url = url
+        self.lock_timeout_ms = lock_timeout_ms
+        self.backend = POSTGRES
+        self.raw = self._dial()
+
+    def _dial(self) -> psycopg.Connection:
+        try:
+            raw = psycopg.connect(self.url, autocommit=True, row_factory=_rows, connect_timeout=CONNECT_TIMEOUT_S)
+            # 0 would mean "wait forever" to PostgreSQL, "never wait" to SQLite: wait 1 ms at least
+            raw.execute(f"SET lock_timeout = {max(int(self.lock_timeout_ms), 1)}")
+            raw.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
+        except psycopg.Error as e:
+            raise StoreError(f"cannot open {_redacted_target(self.url)}: {_one_line(e)}") from None
+        return raw
+
+    @property
+    def lost(self) -> bool:
+        """Closed, or found broken by the last statement (server restart, network)."""
+        return self.raw.closed or getattr(self.raw, "broken", False)
+
+    def reopen(self) -> None:
+        """Open the connection again; only between transactions (one in progress is gone with
+        the old connection, rolled back by the server)."""
+        self.raw.close()
+        self.raw = self._dial()
+
+    def execute(self, sql: str, params: tuple | list = ()):
+        if params:
+            return self.raw.execute(translate(sql), params)
+        return self.raw.execute(sql)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw.info.transaction_status != TransactionStatus.IDLE
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def __repr__(self) -> str:
+        return f"<PgConnection {_redacted_target(self.url)}>"
+
+
+class _Transaction:
+    """BEGIN ... COMMIT, ROLLBACK on any exception; errors of the server or the connection are
+    one-line StoreErrors (the rollback lost nothing)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: PgConnection):
+        self.conn = conn
+
+    def __enter__(self) -> PgConnection:
+        conn = self.conn
+        try:
+            if conn.lost:
+                conn.reopen()
+            try:
+                conn.raw.execute("BEGIN")
+            except psycopg.OperationalError:
+                if not conn.lost:
+                    raise
+                conn.reopen()  # dropped since its last use (nothing was done yet): once more
+                conn.raw.execute("BEGIN")
+        except psycopg.Error as e:
+            raise StoreError(f"cannot start a write transaction: {_one_line(e)}") from None
+        return conn
+
+    def __exit__(self, kind, error, tb) -> bool:
+        raw = self.conn.raw
+        if kind is None:
+            try:
+                raw.execute("COMMIT")
+                return False
+            except psycopg.Error as e:
+                self._rollback()
+                raise StoreError(f"write transaction failed and was rolled back: {_one_line(e)}") from None
+        lost = self.conn.lost
+        self._rollback()
+        if issubclass(kind, psycopg.OperationalError) or (lost and issubclass(kind, psycopg.Error)):
+            # a lock timeout, a lost or ended session, a full disk on the server: one clear line
+            raise StoreError(f"write transaction failed and was rolled back: {_one_line(error)}") from None
+        return False
+
+    def _rollback(self) -> None:
+        if self.conn.lost:
+            return  # the server rolled it back with the connection
+        try:
+            self.conn.raw.execute("ROLLBACK")
+        except psycopg.Error:
+            pass
+
+
+class PostgresBackend:
+    name = "postgresql"
+
+    def connect(self, target: str, *, busy_timeout_ms: int) -> PgConnection:
+        return PgConnection(target, busy_timeout_ms)
+
+    def open(self, target: str, *, busy_timeout_ms: int) -> PgConnection:
+        conn = self.connect(target, busy_timeout_ms=busy_timeout_ms)
+        try:
+            migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def ledger_connection(self, target: str) -> PgConnection:
+        """Row locks are granted in order of arrival: the ledger waits on them, no spinning."""
+        return self.open(target, busy_timeout_ms=LEDGER_LOCK_TIMEOUT_MS)
+
+    def transaction(self, conn: PgConnection, *, attempts: int | None = None, spin=None) -> _Transaction:
+        return _Transaction(conn)
+
+    def locked_row(self, conn: PgConnection, sql: str, params: tuple, key: str):
+        locked = sql + " FOR UPDATE"
+        row = conn.execute(locked, params).fetchone()
+        if row is None:  # nothing to lock yet: serialise the row's first writers on its key
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (key,))
+            row = conn.execute(locked, params).fetchone()
+        return row
+
+    def read(self, conn: PgConnection, spin, fn, *args):
+        return fn(*args)
+
+    def checkpoint_every(self, conn, every: int) -> int | None:
+        return None  # the server checkpoints
+
+    def checkpoint(self, conn) -> None:
+        pass
+
+
+POSTGRES = PostgresBackend()
+
+
+# ---------------------------------------------------------------- migrations
+#
+# The versions are those of ingest/schema/vNNN_name.sql (SQLite); ingest/schema/postgres/ holds
+# the ones ported so far, under the same version and name. Each applied version is a row of
+# ingest_schema, so a version ported later (below the newest applied) is still applied.
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every PostgreSQL migration shipped, in order."""
+    found = []
+    for entry in (resources.files("ingest.schema") / "postgres").iterdir():
+        name = entry.name
+        if name.startswith("v") and name.endswith(".sql"):
+            found.append((int(name[1:4]), name[5:-4], entry.read_text()))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if len(set(versions)) != len(versions):
+        raise StoreError(f"PostgreSQL migrations must have distinct versions: {versions}")
+    return found
+
+
+_SCHEMA_TABLE = ("CREATE TABLE IF NOT EXISTS ingest_schema (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+                 " applied_at DOUBLE PRECISION NOT NULL DEFAULT extract(epoch FROM clock_timestamp()))")
+
+
+def applied_versions(conn: PgConnection) -> list[int]:
+    exists = conn.execute("SELECT to_regclass('ingest_schema') IS NOT NULL").fetchone()[0]
+    if not exists:
+        return []
+    return [r[0] for r in conn.execute("SELECT version FROM ingest_schema ORDER BY version").fetchall()]
+
+
+def schema_version(conn: PgConnection) -> int:
+    """The newest version applied (0 for an empty database)."""
+    return max(applied_versions(conn), default=0)
+
+
+def migrate(conn: PgConnection) -> list[int]:
+    """Apply the migrations not applied yet, each in its own transaction with its record; safe to
+    race (an advisory lock admits one migrating process at a time). Returns the versions applied."""
+    known = migrations()
+    newest = known[-1][0] if known else 0
+    applied = []
+    try:
+        with _Transaction(conn):
+            conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+            conn.execute(_SCHEMA_TABLE)
+        current = schema_version(conn)
+    except psycopg.Error as e:
+        raise StoreError(f"cannot read the schema version: {_one_line(e)}") from None
+    if current > newest:
+        raise StoreError(f"database schema is version {current}, newer than this ingest knows ({newest}):"
+                         " upgrade ingest")
+    for version, name, sql in known:
+        try:
+            with _Transaction(conn):
+                conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+                if version in applied_versions(conn):
+                    continue
+                conn.execute(sql)
+                conn.execute("INSERT INTO ingest_schema (version, name) VALUES (?, ?)", (version, name))
+        except psycopg.Error as e:
+            raise StoreError(f"migration v{version:03d} ({name}) failed: {_one_line(e)}") from None
+        applied.append(version)
+    return applied
