@@ -360,3 +360,33 @@ def test_a_foreign_write_lock_holder_is_named_by_pid_and_never_signalled(project
                         "the action row")
     assert [(r["pid"], r["program"]) for r in rows] == [(holder.pid, None)]
     assert "not signalled" in rows[0]["reason"]
+
+
+HUNG_PROGRAM = """[program:hung]
+command = PYTHON -c "import sys, time; from ingest.leases import Lease, LeaseTiming; from ingest.store import open_db; open_db(sys.argv[1]); lease = Lease(sys.argv[1], 'hung', LeaseTiming(ttl_s=4.0, renew_s=1.0, retry_s=0.25)); print('held', lease.try_acquire(), flush=True); time.sleep(3600)" %(here)s/../../var/ingest.db
+directory = %(here)s/../..
+autostart = true
+autorestart = true
+startsecs = 1
+redirect_stderr = true
+stdout_logfile = %(here)s/../../var/log/hung.log
+"""
+
+
+@pytest.mark.slow
+@linux_only
+@pytest.mark.timeout(240)
+def test_a_child_holding_a_lease_it_no_longer_renews_is_killed_as_hung(project, sink):
+    """Alive and not stopped (a deadlock, a stuck syscall), but its heartbeat is older than the TTL."""
+    # the test's own interpreter (the copy's .venv/bin/python link runs outside the venv)
+    (project.root / "supervisor.d" / "programs" / "hung.conf").write_text(HUNG_PROGRAM.replace("PYTHON", sys.executable))
+    start(project)
+    first = project.wait_running("hung")["hung"]["pid"]
+    project.wait_held_by("hung", first)
+    row = project.wait(lambda: [a for a in actions(project) if a["pid"] == first], 4.0 + TICK_S * 2 + 5,
+                       "the watchdog to kill the hung holder")[0]
+    assert (row["action"], row["program"]) == ("kill_hung", "hung")
+    assert "holds lease hung but renewed it" in row["reason"] and "(TTL 4s)" in row["reason"]
+    again = project.wait(lambda: (p := project.pid("hung")) not in (None, first) and p, 15, "hung restarted")
+    project.wait_held_by("hung", again)   # the next process takes the dead holder's lease at once
+    assert project.pid("backfill") and not [a for a in actions(project) if a["program"] in WORKERS]
