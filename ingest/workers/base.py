@@ -195,7 +195,7 @@ class Worker:
 
     def _failed(self, error: IngestError) -> int:
         """A fatal error: one log line, the state, and the error's own exit code (Keepa's
-        400/402/405 are configuration errors: retrying cannot help)."""
+        400/405 are configuration errors: retrying cannot help; a 402 pauses instead)."""
         code = error.exit_code
         log.error("%s: %s", EXIT_MEANINGS.get(code, "error"), error)
         self._set_state("lost" if isinstance(error, LeaseLost) else "error", last_error=str(error))
