@@ -195,7 +195,7 @@ def test_email_over_starttls_with_a_login(tmp_path):
     from aiosmtpd.smtp import AuthResult
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
@@ -216,18 +216,21 @@ def test_email_over_starttls_with_a_login(tmp_path):
     controller.start()
     try:
         good = AlertSettings(email_to=["ops@example.org"], smtp_host="127.0.0.1", smtp_port=port, smtp_starttls=True,
-                             smtp_user="ingest", smtp_password="s3cret")
+                             smtp_user="ingest", smtp_password="s3cret", smtp_ca_file=str(cert))
         message = compose("test", None, None, (), host="box", database="d", at=T0)
         assert deliver(EmailChannel(good), message, attempts=1, backoff_s=0).result == "sent"
         wrong = AlertSettings(**{**good.__dict__, "smtp_password": "nope", "timeout_s": 3.0})
         refused = deliver(EmailChannel(wrong), message, attempts=1, backoff_s=0)
         plain = AlertSettings(**{**good.__dict__, "smtp_starttls": False})
         no_tls = deliver(EmailChannel(plain), message, attempts=1, backoff_s=0)
+        untrusted = AlertSettings(**{**good.__dict__, "smtp_ca_file": None})   # self-signed: not trusted
+        unverified = deliver(EmailChannel(untrusted), message, attempts=1, backoff_s=0)
     finally:
         controller.stop()
     assert len(received) == 1 and logins[0] == (b"ingest", b"s3cret")
     assert refused.result == "failed" and "nope" not in refused.error and len(received) == 1
     assert no_tls.result == "failed"   # the server wants TLS before AUTH: nothing sent in the clear
+    assert unverified.result == "failed" and "SSLCertVerificationError" in unverified.error
 
 
 def free_port() -> int:
