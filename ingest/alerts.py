@@ -201,7 +201,10 @@ def advance(state: AlertState, verdict: str, now: float, settings: AlertSettings
 
 
 def state_from_history(conn) -> AlertState:
-    """Where the state machine starts: the last announced verdict in alert_messages."""
+    """Where the state machine starts: the last announced verdict in alert_messages (none yet
+    in a file no v012 ingest has migrated)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'alert_messages'").fetchone() is None:
+        return AlertState()
     row = conn.execute(f"SELECT verdict, at FROM alert_messages WHERE kind IN ({', '.join('?' * len(ANNOUNCED))})"
                        " ORDER BY id DESC LIMIT 1", ANNOUNCED).fetchone()
     if row is None:
