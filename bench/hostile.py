@@ -55,10 +55,14 @@ def drip_abandon(rounds: int) -> None:
                    f" (over the deadline: {max(times) - deadline:+.2f} s)")
 
 
+# peak RSS from /proc's VmHWM (kB), this process's own: getrusage's ru_maxrss would carry the
+# forking parent's over exec
 _RSS_CHILD = r"""
-import resource, sys, time
+import sys, time
 from ingest.keepa import KeepaClient, RetryPolicy, TransientError
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_kb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
+before = peak_kb()
 client = KeepaClient("BENCHKEY-0123456789abcdef", sys.argv[1], retry=RetryPolicy(attempts=1))
 t0 = time.monotonic()
 try:
@@ -66,7 +70,7 @@ try:
     outcome = "answered"
 except TransientError as e:
     outcome = str(e)[:70]
-print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, round(time.monotonic() - t0, 2), outcome)
+print(before, peak_kb(), round(time.monotonic() - t0, 2), outcome)
 """
 
 

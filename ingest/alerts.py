@@ -16,6 +16,7 @@ import logging
 import queue
 import smtplib
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -50,6 +51,8 @@ class AlertSettings:
     smtp_host: str | None = setting(None, "SMTP server (needed for email_to)", kind=str)
     smtp_port: int = setting(25, "SMTP port (587 with STARTTLS, usually)", min=1, max=65535)
     smtp_starttls: bool = setting(False, "upgrade the SMTP connection with STARTTLS before login")
+    smtp_ca_file: str | None = setting(None, "CA file the SMTP server's certificate is checked against"
+                                       " (else the system's)", kind=str)
     smtp_user: str | None = setting(None, "SMTP login name", kind=str)
     smtp_password: str | None = setting(None, "SMTP password; env INGEST_SMTP_PASSWORD (preferred)", kind=str)
     command: list = setting([], "argv of a program that gets each message's JSON on stdin")
@@ -198,7 +201,10 @@ def advance(state: AlertState, verdict: str, now: float, settings: AlertSettings
 
 
 def state_from_history(conn) -> AlertState:
-    """Where the state machine starts: the last announced verdict in alert_messages."""
+    """Where the state machine starts: the last announced verdict in alert_messages (none yet
+    in a file no v012 ingest has migrated)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'alert_messages'").fetchone() is None:
+        return AlertState()
     row = conn.execute(f"SELECT verdict, at FROM alert_messages WHERE kind IN ({', '.join('?' * len(ANNOUNCED))})"
                        " ORDER BY id DESC LIMIT 1", ANNOUNCED).fetchone()
     if row is None:
@@ -260,8 +266,8 @@ class EmailChannel:
         mail.set_content(body.rstrip() + "\n")
         try:
             with smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.timeout_s) as smtp:
-                if s.smtp_starttls:
-                    smtp.starttls()
+                if s.smtp_starttls:  # the server's certificate and name are checked
+                    smtp.starttls(context=ssl.create_default_context(cafile=s.smtp_ca_file))
                 if s.smtp_user:
                     smtp.login(s.smtp_user, s.smtp_password)
                 smtp.send_message(mail)

@@ -117,6 +117,7 @@ def connect(path: str | os.PathLike, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) 
     every write transaction is an explicit `transaction()`.
     """
     path = Path(path)
+    new_file = not path.exists() or path.stat().st_size == 0
     _ensure_private_file(path)
     try:
         conn = sqlite3.connect(
@@ -125,8 +126,10 @@ def connect(path: str | os.PathLike, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) 
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         # a new file returns freed pages to the disk (retention prunes, then incremental_vacuum);
-        # only possible before the first table exists: `ingest db vacuum` converts an old file
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        # only possible before the first table exists: `ingest db vacuum` converts an old file.
+        # Not asked of an existing file: there it changes nothing and, on a full disk, fails
+        if new_file:
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
 
         def set_journal_mode():
             return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]

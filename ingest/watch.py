@@ -33,9 +33,9 @@ from typing import Callable
 from .alerts import AlertSettings, AlertState, Outbox, advance, compose, host_name, problems_of, state_from_history
 from .health import system_report
 from .lease_table import lease_rows
+from .metrics import connect_read_only
 from .procinfo import command_line, parent_pid, process_state
 from .settings import setting
-from .store import open_db
 from .supervisor import probe
 
 log = logging.getLogger(__name__)
@@ -276,8 +276,10 @@ class Watcher:
     _missing_logged: bool = False
 
     def conn(self):
+        """Read only, never migrated: a look must not wait for the write lock (its holder may be
+        the very thing to act on). The outbox writes, with its own connection."""
         if self._conn is None:
-            self._conn = open_db(self.db_path)
+            self._conn = connect_read_only(Path(self.db_path))
         return self._conn
 
     def look(self, now: float | None = None) -> list[Action]:

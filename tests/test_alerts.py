@@ -185,6 +185,54 @@ def test_email_reaches_a_real_smtp_server():
     assert "Subject: [ingest box] DOWN" in body and "paused (402)" in body and "next: renew" in body
 
 
+def test_email_over_starttls_with_a_login(tmp_path):
+    """STARTTLS, then AUTH (the server refuses AUTH before TLS), against aiosmtpd with a
+    throwaway self-signed certificate."""
+    import ssl
+    import subprocess
+
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    received, logins = [], []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            received.append(envelope)
+            return "250 OK"
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        logins.append((auth_data.login, auth_data.password))
+        return AuthResult(success=(auth_data.login, auth_data.password) == (b"ingest", b"s3cret"))
+
+    port = free_port()
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port, tls_context=context, require_starttls=True,
+                            auth_required=True, auth_require_tls=True, authenticator=authenticator)
+    controller.start()
+    try:
+        good = AlertSettings(email_to=["ops@example.org"], smtp_host="127.0.0.1", smtp_port=port, smtp_starttls=True,
+                             smtp_user="ingest", smtp_password="s3cret", smtp_ca_file=str(cert))
+        message = compose("test", None, None, (), host="box", database="d", at=T0)
+        assert deliver(EmailChannel(good), message, attempts=1, backoff_s=0).result == "sent"
+        wrong = AlertSettings(**{**good.__dict__, "smtp_password": "nope", "timeout_s": 3.0})
+        refused = deliver(EmailChannel(wrong), message, attempts=1, backoff_s=0)
+        plain = AlertSettings(**{**good.__dict__, "smtp_starttls": False})
+        no_tls = deliver(EmailChannel(plain), message, attempts=1, backoff_s=0)
+        untrusted = AlertSettings(**{**good.__dict__, "smtp_ca_file": None})   # self-signed: not trusted
+        unverified = deliver(EmailChannel(untrusted), message, attempts=1, backoff_s=0)
+    finally:
+        controller.stop()
+    assert len(received) == 1 and logins[0] == (b"ingest", b"s3cret")
+    assert refused.result == "failed" and "nope" not in refused.error and len(received) == 1
+    assert no_tls.result == "failed"   # the server wants TLS before AUTH: nothing sent in the clear
+    assert unverified.result == "failed" and "SSLCertVerificationError" in unverified.error
+
+
 def free_port() -> int:
     import socket
 
@@ -257,7 +305,10 @@ def test_alerts_test_sends_to_every_channel_and_alerts_lists_it(tmp_path):
 
     from ingest.cli import main
 
+    from ingest.store import open_db
+
     db = str(tmp_path / "x.db")
+    open_db(db).close()  # no command but a worker creates a database
     runner = CliRunner()
     none = runner.invoke(main, ["--db", db, "alerts", "test"])
     assert none.exit_code == 1 and "no alert channel configured" in none.output

@@ -268,4 +268,4 @@ def test_stats_endpoint_counts(sim):
     assert stats["requests"]["/token"] == 1 and stats["requests"]["other"] == 1
     assert stats["tokens"]["consumed"] == 6 and stats["products_returned"] == 1
     assert stats["statuses"]["404"] == 1 and stats["deal_asins_count"] == 150
-    assert set(stats["faults"]) == {"500", "redirect", "timeout", "malformed", "drip", "slow", "no_history", "forced_429"}
+    assert set(stats["faults"]) == {"500", "redirect", "timeout", "malformed", "drip", "slow", "no_history", "forced_429", "forced_402"}

@@ -79,6 +79,25 @@ def test_forced_429_window(make_sim, clock):
     assert sim.stats()["faults"]["forced_429"] == 1 and sim.stats()["served_429"] == 1
 
 
+def test_forced_402_window_answers_every_call_and_token_too(make_sim, clock):
+    sim = make_sim(force_402_window=(10, 30))
+    assert get_product(sim).status_code == 200
+    clock.advance(15)
+    refused = get_product(sim)
+    assert refused.status_code == 402 and refused.json()["error"]["type"] == "paymentRequired"
+    assert requests.get(f"{sim.url}/token", params={"key": "k"}).status_code == 402
+    clock.advance(30)
+    assert get_product(sim).status_code == 200
+    assert requests.get(f"{sim.url}/token", params={"key": "k"}).status_code == 200
+    assert sim.stats()["faults"]["forced_402"] == 2
+    requests.post(f"{sim.url}/_sim/faults", json={"force_402": [0, 60]})
+    assert get_product(sim).status_code == 402
+    assert requests.get(f"{sim.url}/_sim/faults").json()["force_402"] == [0, 60]
+    requests.post(f"{sim.url}/_sim/faults", json={"force_402": None})
+    assert get_product(sim).status_code == 200
+    assert requests.post(f"{sim.url}/_sim/faults", json={"force_402": [1]}).status_code == 400
+
+
 def test_refill_rate_change_mid_run(make_sim, clock):
     sim = make_sim(refill_rate=5, start_tokens=0, rate_change=(90, 20))
     clock.advance(200)

@@ -210,7 +210,7 @@ class Worker:
 
     def _failed(self, error: IngestError) -> int:
         """A fatal error: one log line, the state, and the error's own exit code (Keepa's
-        400/402/405 are configuration errors: retrying cannot help)."""
+        400/405 are configuration errors: retrying cannot help; a 402 pauses instead)."""
         if isinstance(error, DatabaseReplaced):
             self._replaced = self._replaced or error
         code = error.exit_code
