@@ -56,7 +56,8 @@ def _probe(what: str, *argv: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{what}: {e}"
     if result.returncode != 0:
-        return f"{what} failed here: {' '.join(argv)}: {result.stdout.strip().splitlines()[-1:] or result.returncode}"
+        output = result.stdout.strip().splitlines()
+        return f"{what} failed here ({' '.join(argv)}): {output[-1] if output else f'exit {result.returncode}'}"
     return None
 
 
@@ -110,6 +111,7 @@ class Link:
     def create(cls) -> "Link":
         tag = f"{os.getpid() % 100000}"
         link = cls(f"ingest-host-b-{tag}", f"ih{tag}a", f"ih{tag}b", os.getpid() % 250 + 1)
+        link.destroy()  # a leftover of a killed run of ours under the same pid
         atexit.register(link.destroy)
         try:
             for argv in link._setup():
