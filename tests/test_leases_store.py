@@ -242,7 +242,7 @@ def test_every_postgresql_migration_ports_an_sqlite_version_of_the_same_name():
 
     sqlite_versions = {version: name for version, name, _ in sqlite_migrations()}
     ported = [(version, name) for version, name, _ in pg_migrations()]
-    assert ported == [(1, "leases"), (2, "ledger"), (5, "ledger_holds")]
+    assert [version for version, _ in ported] == [1, 2, 3, 4, 5, 8, 9, 10, 11, 12]
     for version, name in ported:
         assert sqlite_versions[version] == name
 
@@ -261,7 +261,7 @@ def test_postgresql_migrations_are_recorded_once_and_a_newer_schema_is_refused(p
     from ingest.backends.postgres import applied_versions, migrate
 
     conn = open_store(pg_url).open()
-    assert applied_versions(conn) == [1, 2, 5]
+    assert applied_versions(conn) == [1, 2, 3, 4, 5, 8, 9, 10, 11, 12]
     assert migrate(conn) == []  # nothing twice
     with transaction(conn):
         conn.execute("INSERT INTO ingest_schema (version, name) VALUES (999, 'from_the_future')")
