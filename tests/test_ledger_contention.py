@@ -87,11 +87,23 @@ def test_four_processes_never_admit_beyond_the_balance(store_target, tmp_path):
     assert len(pids) == len(set(pids))
 
 
+def over_admitted_in_one_of(runs: int, db, workdir: Path, mode: str, balance: int) -> int:
+    """The most admitted over `runs` runs, stopping at the first that over-admits. A negative
+    control: on a loaded machine one process may take the whole balance before the others start,
+    and a run without overlap shows no race; the race must show in one of a few runs."""
+    most = 0
+    for _ in range(runs):
+        most = max(most, run_contention(db, workdir, mode, balance))
+        if most > balance:
+            break
+    return most
+
+
 def test_the_naive_deferred_pattern_over_admits_under_the_same_load(db_path):
-    admitted = run_contention(db_path, db_path.parent, "naive", balance=2000)
+    admitted = over_admitted_in_one_of(3, db_path, db_path.parent, "naive", balance=2000)
     assert admitted > 2000, "the lost-update race did not show: the suite no longer guards against it"
 
 
 def test_on_postgresql_it_is_the_row_lock_that_prevents_over_admission(pg_url, tmp_path):
-    admitted = run_contention(pg_url, tmp_path, "unlocked", balance=2000)
+    admitted = over_admitted_in_one_of(3, pg_url, tmp_path, "unlocked", balance=2000)
     assert admitted > 2000, "without SELECT ... FOR UPDATE the lost update did not show: the test proves nothing"
