@@ -21,12 +21,21 @@ import glob
 import os
 import pwd
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import psycopg
+
+    # what a test expects a refused statement to raise, on either store
+    DB_ERRORS = (sqlite3.Error, psycopg.Error)
+except ImportError:  # pragma: no cover - no postgres extra: the PostgreSQL cases skip
+    DB_ERRORS = (sqlite3.Error,)
 
 SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
 START_TIMEOUT_S = 60

@@ -30,12 +30,7 @@ from .conftest import INGEST
 
 TIMING = LeaseTiming(ttl_s=30, renew_s=10, retry_s=2)
 
-try:
-    import psycopg
-
-    DB_ERRORS = (sqlite3.Error, psycopg.Error)
-except ImportError:  # pragma: no cover - no postgres extra: the PostgreSQL cases skip
-    DB_ERRORS = (sqlite3.Error,)
+from .pg_server import DB_ERRORS
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ clock. Also the store boundary itself: migrations per dialect from one list of v
 the workers' --db refusing a URL until the whole store is ported."""
 
 import dataclasses
-import sqlite3
 from importlib import resources
 
 import pytest
@@ -19,12 +18,7 @@ from ingest.procinfo import Identity
 
 TIMING = LeaseTiming(ttl_s=30, renew_s=10, retry_s=2)
 
-try:
-    import psycopg
-
-    DB_ERRORS = (sqlite3.Error, psycopg.Error)
-except ImportError:  # pragma: no cover - no postgres extra: the PostgreSQL cases skip
-    DB_ERRORS = (sqlite3.Error,)
+from .pg_server import DB_ERRORS
 
 
 @pytest.fixture
@@ -172,6 +166,8 @@ def test_the_heartbeat_keeps_the_lease_and_release_frees_it_for_the_next(store_t
 
 
 def terminate_other_sessions(url: str) -> int:
+    import psycopg  # PostgreSQL cases only run with it installed
+
     with psycopg.connect(url, autocommit=True) as admin:
         return len(admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"

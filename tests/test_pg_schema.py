@@ -2,19 +2,13 @@
 the views answer on both, the same rows give the same answers, and the rules the triggers keep
 (running totals, append-only history) hold on both (docs/postgres.md)."""
 
-import sqlite3
 import time
 
 import pytest
 
 from ingest.backends import open_store, transaction
 
-try:
-    import psycopg
-
-    DB_ERRORS = (sqlite3.Error, psycopg.Error)
-except ImportError:  # pragma: no cover - no postgres extra: the PostgreSQL cases skip
-    DB_ERRORS = (sqlite3.Error,)
+from .pg_server import DB_ERRORS
 
 BOOKKEEPING = {"ingest_schema"}  # PostgreSQL's record of applied versions (SQLite: user_version)
 DAY = 86400.0
@@ -202,6 +196,8 @@ def test_lease_events_older_than_a_day_can_be_pruned_on_both(both):
 
 
 def test_a_truncate_cannot_empty_the_history_on_postgresql(both):
+    import psycopg  # PostgreSQL cases only run with it installed
+
     conn = both["postgresql"]
     for table in ("lease_events", "watch_actions", "alert_messages", "alerts"):
         with pytest.raises(psycopg.Error, match=f"{table} is append-only"):
