@@ -21,7 +21,7 @@ from typing import Iterator
 
 from .backends import open_store, transaction
 from .clock import SYSTEM_CLOCK
-from .errors import EXIT_LEASE_LOST, ConfigError, IngestError
+from .errors import EXIT_LEASE_LOST, ConfigError, DiskFull, IngestError
 from .lease_rules import LeaseEvent, Watch, decide_take
 from .lease_table import (CorruptLease, add_event, clear_holder, holder_alive, read_lease, still_ours, write_holder,
                           write_renewal)
@@ -213,10 +213,15 @@ class Lease:
                     last_ok, wait = self.clock.monotonic(), self.timing.renew_s
                 except Exception as e:  # busy, I/O, corrupt row: keep trying until the TTL runs out
                     silent = self.clock.monotonic() - last_ok
-                    log.warning("lease %s renewal failed (%.1fs since the last one): %s", self.name, silent, e)
+                    # a full disk is the worker's to report, once per episode (its disk-full wait);
+                    # a line per retry here would repeat it
+                    level = logging.DEBUG if isinstance(e, DiskFull) else logging.WARNING
+                    log.log(level, "lease %s renewal failed (%.1fs since the last one): %s", self.name, silent, e)
                     if silent > self.timing.ttl_s:
                         # others may take it from now on; stop before they do (fenced writes would refuse anyway)
-                        self._set_lost(f"could not renew for {silent:.1f}s, longer than the ttl")
+                        why = f"could not renew for {silent:.1f}s, longer than the ttl"
+                        self._record_lost_apart(why)
+                        self._set_lost(why)
                         return
                     wait = self.timing.retry_s
         finally:
@@ -255,6 +260,22 @@ class Lease:
         except CorruptLease:
             why += "; row is corrupt"
         add_event(conn, self.name, LeaseEvent.LOST, fence, self.me.label, self.clock.wall(), why)
+
+    def _record_lost_apart(self, why: str) -> None:
+        """Best effort: the 'lost' event on a connection of its own (the heartbeat's may be the
+        one that failed: a server that closed it, a busy or full file). Never raises."""
+        fence = self._fence
+        if fence is None:
+            return
+        try:
+            conn = self.store.connect(busy_timeout_ms=RELEASE_BUSY_MS)
+            try:
+                with transaction(conn, attempts=RELEASE_ATTEMPTS):
+                    self._record_lost(conn, fence, why)
+            finally:
+                conn.close()
+        except Exception as e:
+            log.debug("lease %s: could not record the loss: %s", self.name, e)
 
     def _set_lost(self, why: str) -> None:
         if not self.lost.is_set():
