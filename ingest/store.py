@@ -16,32 +16,38 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ConfigError, DiskFull, StoreError
+from .errors import DiskFull, StoreError
 
 DEFAULT_DB_PATH = "var/ingest.db"
 BUSY_TIMEOUT_MS = 5_000
 BEGIN_ATTEMPTS = 6
 BEGIN_BACKOFF_S = 0.05
+PG_URL_SCHEMES = ("postgresql://", "postgres://")  # --db names a PostgreSQL database (ingest.backends)
 
 
-def resolve_db_path(explicit: str | None = None, config: dict | None = None) -> Path:
-    """--db PATH, else env INGEST_DB, else [store] db in the config, else var/ingest.db."""
+def resolve_db_path(explicit: str | None = None, config: dict | None = None) -> "Path | str":
+    """--db, else env INGEST_DB, else [store] db in the config, else var/ingest.db: an SQLite
+    file's Path, or a `postgresql://` URL as given (ingest.backends.open_store takes either;
+    never print the URL: it may hold a password)."""
     chosen = (
         explicit
         or os.environ.get("INGEST_DB")
         or ((config or {}).get("store") or {}).get("db")
         or DEFAULT_DB_PATH
     )
-    if chosen.startswith(("postgresql://", "postgres://")):  # the URL is not shown: it may hold a password
-        raise ConfigError("--db / INGEST_DB / [store] db: PostgreSQL is not supported by the workers and the CLI"
-                          " yet, only by the lease and ledger code (docs/postgres.md); use an SQLite file")
+    if chosen.startswith(PG_URL_SCHEMES):
+        return chosen
     return Path(chosen)
 
 
-def require_database(path: str | os.PathLike) -> Path:
+
+def require_database(target: "str | os.PathLike") -> "Path | str":
     """The database a read-only command reads: a path naming no file is a StoreError, and
-    nothing (no folder, no file) is created."""
-    path = Path(path)
+    nothing (no folder, no file) is created. A PostgreSQL URL is returned as it is: connecting
+    tells whether the database is there."""
+    if isinstance(target, str) and target.startswith(PG_URL_SCHEMES):
+        return target
+    path = Path(target)
     if not path.is_file():
         what = "a folder, not a database" if path.is_dir() else "missing"
         raise StoreError(f"no database at {path} ({what}; nothing created): check --db, INGEST_DB or [store] db")

@@ -5,6 +5,7 @@ clock. Also the store boundary itself: migrations per dialect from one list of v
 the workers' --db refusing a URL until the whole store is ported."""
 
 import dataclasses
+from pathlib import Path
 from importlib import resources
 
 import pytest
@@ -279,8 +280,8 @@ def test_the_postgresql_files_ship_as_package_data():
     assert {"v001_leases.sql", "v002_ledger.sql", "v005_ledger_holds.sql"} <= names
 
 
-def test_workers_and_cli_still_refuse_a_postgresql_url():
+def test_db_option_takes_a_postgresql_url_as_given():
     from ingest.store import resolve_db_path
 
-    with pytest.raises(ConfigError, match="PostgreSQL is not supported by the workers and the CLI yet"):
-        resolve_db_path("postgresql://ingest@db.example/ingest")
+    assert resolve_db_path("postgresql://ingest@db.example/ingest") == "postgresql://ingest@db.example/ingest"
+    assert resolve_db_path("var/x.db") == Path("var/x.db")

@@ -17,8 +17,6 @@ PostgreSQL, in one place (docs/postgres.md).
 
 SQL is written once, with `?` placeholders (the PostgreSQL connection translates them) and
 `INSERT ... ON CONFLICT (key) DO UPDATE` upserts, which both dialects read the same way.
-
-Workers and the CLI do not run on PostgreSQL yet: `ingest.store.resolve_db_path` refuses a URL.
 """
 
 import os
@@ -26,9 +24,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..store import BUSY_TIMEOUT_MS
-
-URL_SCHEMES = ("postgresql://", "postgres://")
+from ..store import BUSY_TIMEOUT_MS, PG_URL_SCHEMES
 
 
 class Backend(Protocol):
@@ -46,7 +42,7 @@ class Backend(Protocol):
 
 def is_url(target) -> bool:
     """A PostgreSQL URL (rather than an SQLite file path)?"""
-    return isinstance(target, str) and target.startswith(URL_SCHEMES)
+    return isinstance(target, str) and target.startswith(PG_URL_SCHEMES)
 
 
 @dataclass(frozen=True)

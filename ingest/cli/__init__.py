@@ -2,7 +2,6 @@
 and are listed in COMMAND_MODULES; each module exports `commands`, a list of click commands."""
 
 import importlib
-import sqlite3
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,8 @@ from ..config import load_config
 from ..errors import IngestError
 from ..logs import redact
 from ..settings import Settings, load_settings
-from ..store import open_db, require_database, resolve_db_path
+from ..backends import open_store
+from ..store import require_database, resolve_db_path
 
 COMMAND_MODULES = [  # one module per line
     "config",
@@ -44,7 +44,7 @@ class App:
     config_option: str | None
     _config: dict | None = None
     _settings: Settings | None = None
-    _conn: sqlite3.Connection | None = field(default=None, repr=False)
+    _conn: object | None = field(default=None, repr=False)  # sqlite3 or backends.postgres connection
 
     @property
     def config(self) -> dict:
@@ -60,14 +60,15 @@ class App:
         return self._settings
 
     @property
-    def db_path(self) -> Path:
+    def db_path(self) -> "Path | str":
+        """An SQLite file's Path or a PostgreSQL URL (never shown: it may hold a password)."""
         return resolve_db_path(self.db_option, self.config)
 
-    def db(self) -> sqlite3.Connection:
+    def db(self):
         """The existing database, migrated (a newer schema is refused with one line). A path
         naming no file is a StoreError (exit 4): no command but a worker creates a database."""
         if self._conn is None:
-            self._conn = open_db(require_database(self.db_path))
+            self._conn = open_store(require_database(self.db_path)).open()
         return self._conn
 
 
@@ -83,7 +84,7 @@ class IngestGroup(click.Group):
 
 
 @click.group(cls=IngestGroup)
-@click.option("--db", "db_option", metavar="PATH", help="SQLite file (else $INGEST_DB, config [store] db, var/ingest.db).")
+@click.option("--db", "db_option", metavar="PATH", help="SQLite file or postgresql:// URL (else $INGEST_DB, config [store] db, var/ingest.db).")
 @click.option("--config", "config_option", metavar="PATH", help="TOML config file (else $INGEST_CONFIG, ./ingest.toml).")
 @click.version_option(__version__, prog_name="ingest")
 @click.pass_context
