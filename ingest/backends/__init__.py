@@ -38,6 +38,50 @@ class Backend(Protocol):
     def read(self, conn, spin, fn, *args): ...
     def checkpoint_every(self, conn, every: int) -> int | None: ...
     def checkpoint(self, conn) -> None: ...
+    # what the admin commands read (ingest status, db stats, metrics, diagnose, sql, watch)
+    errors: tuple
+    def read_only(self, target): ...
+    def describe(self, target) -> str: ...
+    def tables(self, conn) -> set[str]: ...
+    def schema_version(self, conn) -> int: ...
+    def migrate(self, conn) -> list[int]: ...
+    def storage(self, conn, target) -> "Storage": ...
+    def object_sizes(self, conn) -> "list[tuple[str, str, str, int | None]]": ...
+    def disk_folder(self, target) -> "os.PathLike | None": ...
+    def integrity(self, conn, *, quick: bool) -> "Integrity": ...
+    def write_lock_file(self, target) -> "os.PathLike | None": ...
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How big the database is and how much room it has, as far as this host can see: SQLite's
+    file, its -wal and -shm, and the disk they are on; PostgreSQL's `pg_database_size` only (the
+    server's disk is not visible from here: None)."""
+
+    db_bytes: int | None
+    wal_bytes: int | None = None
+    shm_bytes: int | None = None
+    page_size: int | None = None
+    free_pages: int | None = None
+    auto_vacuum: str | None = None
+    disk_folder: str | None = None       # where free space is measured (None: not visible from here)
+    disk_free: int | None = None
+    disk_total: int | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        """The database with its logs (what a copy of it needs)."""
+        return sum(n or 0 for n in (self.db_bytes, self.wal_bytes, self.shm_bytes))
+
+
+@dataclass(frozen=True)
+class Integrity:
+    """An integrity check's result: `problems` empty when it found none; `skipped` says why the
+    check was not run (None when it was)."""
+
+    check: str
+    problems: tuple[str, ...] = ()
+    skipped: str | None = None
 
 
 def is_url(target) -> bool:
@@ -66,6 +110,17 @@ class Store:
 
     def __str__(self) -> str:
         return str(self.target)
+
+    def read_only(self):
+        """A connection that cannot write and never migrates (SQLite: `mode=ro` and query_only;
+        PostgreSQL: default_transaction_read_only). A missing database is a StoreError."""
+        return self.backend.read_only(self.target)
+
+    @property
+    def label(self) -> str:
+        """How output names the database: its path, or `PostgreSQL database 'name'` (never the
+        URL: it may hold a password)."""
+        return self.backend.describe(self.target)
 
 
 def open_store(target: "str | os.PathLike | Store") -> Store:

@@ -226,6 +226,79 @@ class PostgresBackend:
     def checkpoint(self, conn) -> None:
         pass
 
+    # ------------------------------------------------ what the admin commands read
+
+    errors = (psycopg.Error,)
+
+    def read_only(self, target: str) -> "ReadOnlyPgConnection":
+        """Every transaction READ ONLY (the server refuses a write), never migrated."""
+        return ReadOnlyPgConnection(target, READ_ONLY_LOCK_TIMEOUT_MS)
+
+    def describe(self, target: str) -> str:
+        return _redacted_target(target)
+
+    def tables(self, conn: PgConnection) -> set[str]:
+        return {r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables"
+                                           " WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'")}
+
+    def schema_version(self, conn: PgConnection) -> int:
+        return schema_version(conn)
+
+    def migrate(self, conn: PgConnection) -> list[int]:
+        return migrate(conn)
+
+    def disk_folder(self, target: str) -> None:
+        return None  # the server's disk: not visible from here
+
+    def storage(self, conn: PgConnection, target: str) -> "Storage":
+        """The database's size on the server (pg_database_size); its disk and WAL are the server's."""
+        from . import Storage
+
+        size, block = conn.execute("SELECT pg_database_size(current_database()),"
+                                   " current_setting('block_size')::int").fetchone()
+        return Storage(db_bytes=size, page_size=block)
+
+    def object_sizes(self, conn: PgConnection) -> list[tuple[str, str, str, int | None]]:
+        """(name, 'table' | 'index', its table, bytes) of the schema's tables (pg_table_size:
+        with TOAST) and indexes (pg_relation_size)."""
+        rows = conn.execute(
+            "SELECT c.relname, CASE c.relkind WHEN 'r' THEN 'table' ELSE 'index' END, coalesce(t.relname, c.relname),"
+            " CASE c.relkind WHEN 'r' THEN pg_table_size(c.oid) ELSE pg_relation_size(c.oid) END"
+            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " LEFT JOIN pg_index i ON i.indexrelid = c.oid LEFT JOIN pg_class t ON t.oid = i.indrelid"
+            " WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'i') ORDER BY 3, 2 DESC, 1").fetchall()
+        return [(r[0], r[1], r[2], int(r[3])) for r in rows]
+
+    def integrity(self, conn: PgConnection, *, quick: bool) -> "Integrity":
+        from . import Integrity
+
+        return Integrity("amcheck", skipped="not checked from here on PostgreSQL (the server's data checksums and"
+                                            " amcheck's bt_index_check, run by its administrator, are the tools)")
+
+    def write_lock_file(self, target: str) -> None:
+        return None  # no file lock: a transaction stopped midway is ended by the server (IDLE_IN_TRANSACTION_MS)
+
+
+READ_ONLY_LOCK_TIMEOUT_MS = 2_000
+READ_ONLY_STATEMENT_TIMEOUT_MS = 30_000  # an admin query (ingest sql, a scrape) never runs longer
+
+
+class ReadOnlyPgConnection(PgConnection):
+    """A connection whose every transaction is READ ONLY (`default_transaction_read_only`: the
+    server refuses any write) and whose statements end after READ_ONLY_STATEMENT_TIMEOUT_MS."""
+
+    statement_timeout_ms = READ_ONLY_STATEMENT_TIMEOUT_MS
+
+    def _dial(self) -> psycopg.Connection:
+        raw = super()._dial()
+        try:
+            raw.execute("SET default_transaction_read_only = on")
+            raw.execute(f"SET statement_timeout = {int(self.statement_timeout_ms)}")
+        except psycopg.Error as e:
+            raw.close()
+            raise StoreError(f"cannot open {_redacted_target(self.url)}: {_one_line(e)}") from None
+        return raw
+
 
 POSTGRES = PostgresBackend()
 

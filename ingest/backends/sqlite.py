@@ -1,9 +1,17 @@
 """The SQLite backend: ingest/store.py as it is (one file, WAL, BEGIN IMMEDIATE), behind the
 store boundary (ingest/backends/__init__.py). Nothing here changes how SQLite is used."""
 
+import os
+import shutil
 import sqlite3
+from pathlib import Path
+from urllib.parse import quote
 
-from ..store import BEGIN_ATTEMPTS, connect, open_db, retry_busy, transaction
+from ..errors import StoreError
+from ..store import BEGIN_ATTEMPTS, connect, migrate, open_db, retry_busy, schema_version, transaction
+
+READ_ONLY_BUSY_TIMEOUT_S = 2.0
+AUTO_VACUUM = {0: "none", 1: "full", 2: "incremental"}
 
 
 class SQLiteBackend:
@@ -51,6 +59,89 @@ class SQLiteBackend:
     def checkpoint(self, conn) -> None:
         """A passive checkpoint: never waits, never fails for busy."""
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    # ------------------------------------------------ what the admin commands read
+
+    errors = (sqlite3.Error,)
+
+    def read_only(self, target) -> sqlite3.Connection:
+        """`mode=ro` (never created or migrated) and `PRAGMA query_only`. A missing file is a StoreError."""
+        path = Path(target)
+        if not path.is_file():
+            raise StoreError(f"no database at {path}")
+        uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=READ_ONLY_BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA query_only = 1")
+        except sqlite3.Error as e:
+            raise StoreError(f"database {path}: {e}") from None
+        return conn
+
+    def describe(self, target) -> str:
+        return str(target)
+
+    def tables(self, conn) -> set[str]:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def schema_version(self, conn) -> int:
+        return schema_version(conn)
+
+    def migrate(self, conn) -> list[int]:
+        return migrate(conn)
+
+    def disk_folder(self, target) -> Path:
+        return Path(target).resolve().parent
+
+    def storage(self, conn, target) -> "Storage":
+        """The file, its -wal and -shm, its pages, and the disk it is on."""
+        from . import Storage
+
+        path = str(target)
+        try:
+            usage = shutil.disk_usage(self.disk_folder(target))
+            free, total = usage.free, usage.total
+        except OSError:
+            free = total = None
+        return Storage(db_bytes=_size(path), wal_bytes=_size(path + "-wal"), shm_bytes=_size(path + "-shm"),
+                       page_size=conn.execute("PRAGMA page_size").fetchone()[0],
+                       free_pages=conn.execute("PRAGMA freelist_count").fetchone()[0],
+                       auto_vacuum=AUTO_VACUUM.get(conn.execute("PRAGMA auto_vacuum").fetchone()[0], "?"),
+                       disk_folder=str(self.disk_folder(target)), disk_free=free, disk_total=total)
+
+    def object_sizes(self, conn) -> list[tuple[str, str, str, int | None]]:
+        """(name, 'table' | 'index', its table, bytes) of every table and index; bytes from
+        `dbstat` (None where SQLite was built without it)."""
+        objects = conn.execute("SELECT name, type, tbl_name FROM sqlite_master WHERE type IN ('table', 'index')"
+                               " ORDER BY tbl_name, type DESC, name").fetchall()
+        try:
+            sizes = {r[0]: r[1] for r in conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name")}
+        except sqlite3.OperationalError:  # SQLite built without SQLITE_ENABLE_DBSTAT_VTAB
+            sizes = None
+        return [(name, kind, table, sizes.get(name, 0) if sizes is not None else None) for name, kind, table in objects]
+
+    def integrity(self, conn, *, quick: bool) -> "Integrity":
+        """PRAGMA integrity_check (quick_check, which skips the index checks, when `quick`)."""
+        from . import Integrity
+
+        pragma = "quick_check" if quick else "integrity_check"
+        try:
+            rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}(20)").fetchall()]
+        except sqlite3.DatabaseError as e:
+            rows = [str(e)]
+        return Integrity(pragma, () if rows == ["ok"] else tuple(rows))
+
+    def write_lock_file(self, target) -> Path:
+        """The file whose POSIX locks show who holds the write lock (ingest.watch): the -shm."""
+        return Path(f"{target}-shm")
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 SQLITE = SQLiteBackend()

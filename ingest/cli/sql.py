@@ -1,17 +1,23 @@
 """`ingest sql "SELECT ..."`: one read-only query against the database, printed as a table
 (default), CSV or JSON.
 
-Read-only three times over: the file is opened with SQLite's `mode=ro` URI (it is never
+SQLite: read-only three times over: the file is opened with SQLite's `mode=ro` URI (it is never
 created or migrated), `PRAGMA query_only` is on, and an authorizer allows only reads (SELECT,
 reading columns, functions, recursive CTEs, and the PRAGMAs listed below), so a write, ATTACH
 or VACUUM INTO is refused before it runs, with one line and exit 1. A missing database is one
 line and exit 4.
+
+PostgreSQL: the server enforces it: the connection's every transaction is READ ONLY
+(`default_transaction_read_only`), the query runs inside `BEGIN READ ONLY` that is rolled back,
+never committed, under a statement_timeout; it is sent as one prepared statement, which the
+server refuses to hold two commands. A write is one line and exit 1; an unreachable server exit 4.
 """
 
 import base64
 import csv
 import json
 import os
+import re
 import sqlite3
 import sys
 from dataclasses import dataclass
@@ -195,6 +201,85 @@ def _params(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
     return {name.lstrip(":"): value for name, value in pairs}
 
 
+class SqliteSession:
+    """The SQLite path: `mode=ro`, query_only and the authorizer (open_read_only)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.conn, self.refused = open_read_only(self.path)
+
+    def run(self, sql: str, params: dict[str, str]) -> QueryResult:
+        return run_query(self.conn, self.refused, sql, params, self.path)
+
+    def rows(self, result: QueryResult):
+        return _fetch(result, self.refused, self.path)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+NAMED_PARAMETER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")  # :name, not the ::int of a cast
+
+
+class PgSession:
+    """The PostgreSQL path: a read-only connection (ingest.backends.postgres.ReadOnlyPgConnection),
+    one prepared statement inside BEGIN READ ONLY, rolled back at the end."""
+
+    def __init__(self, url: str):
+        from ..backends import open_store
+
+        self.conn = open_store(url).read_only()  # unreachable: StoreError, one line without the password
+        self.conn.raw.execute("BEGIN READ ONLY")
+
+    def run(self, sql: str, params: dict[str, str]) -> QueryResult:
+        import psycopg
+
+        if params:  # psycopg's %(name)s for SQLite's :name (a literal % doubled)
+            sql = NAMED_PARAMETER.sub(r"%(\1)s", sql.replace("%", "%%"))
+        try:
+            cursor = self.conn.raw.execute(sql, params or None, prepare=True)
+        except psycopg.Error as e:
+            raise self._error(e) from None
+        if cursor.description is None:
+            raise QueryRefused("refused: ingest sql runs a query that returns rows (SET, BEGIN... do nothing here)")
+        return QueryResult(_unique([d.name for d in cursor.description]), cursor)
+
+    def rows(self, result: QueryResult):
+        import psycopg
+
+        try:
+            yield from result.rows
+        except psycopg.Error as e:
+            raise self._error(e) from None
+
+    def _error(self, e) -> IngestError:
+        import psycopg
+
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, psycopg.errors.ReadOnlySqlTransaction):
+            return QueryRefused(f"refused: ingest sql is read-only ({text}); nothing was changed")
+        if "multiple commands" in text:
+            return QueryRefused("refused: ingest sql runs one statement; nothing was run")
+        if isinstance(e, psycopg.errors.QueryCanceled):
+            return QueryFailed(f"SQL: {text} (ingest sql stops a query after"
+                               f" {self.conn.statement_timeout_ms / 1000:g} s)")
+        if isinstance(e, psycopg.OperationalError) and self.conn.lost:
+            return StoreError(f"the connection to the database was lost: {text}")
+        return QueryFailed(f"SQL: {text}")
+
+    def close(self) -> None:
+        self.conn.close()  # the transaction is rolled back with the session: nothing is ever committed
+
+
+SESSIONS = {"sqlite": SqliteSession, "postgresql": PgSession}  # by backend name: the authorizer is SQLite's own
+
+
+def open_session(target) -> "SqliteSession | PgSession":
+    from ..backends import open_store
+
+    return SESSIONS[open_store(target).backend.name](target)
+
+
 @click.command("sql")
 @click.argument("query")
 @click.option("--table", "fmt", flag_value="table", default=True, help="An aligned table (the default).")
@@ -207,18 +292,18 @@ def sql_command(app, query, fmt, params):
     """One read-only SQL query, printed as a table, CSV or JSON.
 
     QUERY is one SELECT (WITH ... SELECT) or a PRAGMA that only reads. Writes are refused before they run (exit 1); the database is opened read-only and never
-    created (a missing file: exit 4). Blobs print as their size (as base64 in --json)."""
-    path = app.db_path
-    conn, refused = open_read_only(path)
+    created (a missing file: exit 4). Blobs print as their size (as base64 in --json).
+    On PostgreSQL the server refuses writes (a READ ONLY transaction, rolled back)."""
+    session = open_session(app.db_path)
     try:
-        result = run_query(conn, refused, query, _params(params), path)
-        PRINTERS[fmt](result, _fetch(result, refused, path))
+        result = session.run(query, _params(params))
+        PRINTERS[fmt](result, session.rows(result))
         sys.stdout.flush()
     except BrokenPipeError:
         # `ingest sql ... --csv | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
-        conn.close()
+        session.close()
 
 
 commands = [sql_command]
