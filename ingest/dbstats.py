@@ -1,7 +1,10 @@
 """`ingest db stats`: what the file holds and where its growth goes.
 
-Rows and bytes per table and index (SQLite's `dbstat`), the WAL, free pages inside the file,
-free disk, the growth of the last day and the days until the disk is full at that rate.
+Rows and bytes per table and index (SQLite's `dbstat`; PostgreSQL's pg_table_size and
+pg_relation_size), the WAL, free pages inside the file, free disk, the growth of the last day
+and the days until the disk is full at that rate. On PostgreSQL the file facts are the server's:
+the database's size is pg_database_size, its WAL, free pages and disk are not visible from here
+(None).
 
 Growth is net: rows added in the last day (by each table's time column) minus the rows retention
 will prune in the next day (those within a day of its cutoff) and, for deals, the janitor's
@@ -9,13 +12,11 @@ removals of the last day, each weighed by its table's bytes per row (indexes inc
 counts its stored product history too).
 """
 
-import os
-import shutil
-import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .retention import DAY_S, RetentionSettings, existing_tables, targets
+from .backends import backend_of
+from .retention import DAY_S, RetentionSettings, targets
 
 # the column that says when a row was added
 ADDED_AT = {"decisions": "at", "keepa_calls": "at", "fenced_commits": "at", "lease_events": "at",
@@ -34,12 +35,12 @@ class ObjectSize:
 
 @dataclass(frozen=True)
 class DbStats:
-    path: str
+    path: str                # the file, or `PostgreSQL database 'name'`
     page_size: int
     file_bytes: int
-    wal_bytes: int
-    free_pages: int
-    auto_vacuum: str
+    wal_bytes: int | None    # None: not visible from here (PostgreSQL), as the free pages and the disk
+    free_pages: int | None
+    auto_vacuum: str | None
     disk_free: int | None
     disk_total: int | None
     objects: list[ObjectSize]
@@ -49,28 +50,15 @@ class DbStats:
 
     def to_json(self) -> dict:
         out = asdict(self)
-        out["free_bytes_in_file"] = self.free_pages * self.page_size
+        out["free_bytes_in_file"] = None if self.free_pages is None else self.free_pages * self.page_size
         return out
 
 
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-def object_sizes(conn: sqlite3.Connection) -> list[ObjectSize]:
-    objects = conn.execute("SELECT name, type, tbl_name FROM sqlite_master WHERE type IN ('table', 'index')"
-                           " ORDER BY tbl_name, type DESC, name").fetchall()
-    try:
-        sizes = {r[0]: r[1] for r in conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name")}
-    except sqlite3.OperationalError:  # SQLite built without SQLITE_ENABLE_DBSTAT_VTAB
-        sizes = None
+def object_sizes(conn) -> list[ObjectSize]:
     out = []
-    for name, kind, table in objects:
+    for name, kind, table, size in backend_of(conn).object_sizes(conn):
         rows = conn.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0] if kind == "table" else None
-        out.append(ObjectSize(name, kind, table, rows, (sizes.get(name, 0) if sizes is not None else None)))
+        out.append(ObjectSize(name, kind, table, rows, size))
     return out
 
 
@@ -103,10 +91,10 @@ def _rows_between(conn, table: str, column: str, start: float, end: float) -> in
     return conn.execute(f"SELECT count(*) FROM {table} WHERE {column} >= ? AND {column} < ?", (start, end)).fetchone()[0]
 
 
-def growth_rows(conn: sqlite3.Connection, now: float, retention: RetentionSettings,
+def growth_rows(conn, now: float, retention: RetentionSettings,
                 call_log_days: float) -> tuple[dict[str, int], dict[str, int]]:
     """(rows added in the last day, rows leaving in the next day) per table."""
-    existing = existing_tables(conn)
+    existing = backend_of(conn).tables(conn)
     added = {t: _rows_between(conn, t, c, now - DAY_S, now + DAY_S) for t, c in ADDED_AT.items() if t in existing}
     leaving = {}
     for t in targets(retention, call_log_days, existing):
@@ -118,20 +106,16 @@ def growth_rows(conn: sqlite3.Connection, now: float, retention: RetentionSettin
     return added, leaving
 
 
-def collect(conn: sqlite3.Connection, db_path: Path, now: float, retention: RetentionSettings,
+def collect(conn, db_path: "Path | str", now: float, retention: RetentionSettings,
             call_log_days: float) -> DbStats:
-    path = str(db_path)
+    backend = backend_of(conn)
+    storage = backend.storage(conn, db_path)
     objects = object_sizes(conn)
-    try:
-        usage = shutil.disk_usage(Path(path).parent)
-        free, total = usage.free, usage.total
-    except OSError:
-        free = total = None
+    free, total = storage.disk_free, storage.disk_total
     per_row = bytes_per_row(objects)
     added, leaving = growth_rows(conn, now, retention, call_log_days)
     growth = net_growth(added, leaving, per_row) if per_row else None
     net = {t: added.get(t, 0) - leaving.get(t, 0) for t in sorted(set(added) | set(leaving))}
-    auto = {0: "none", 1: "full", 2: "incremental"}.get(conn.execute("PRAGMA auto_vacuum").fetchone()[0], "?")
-    return DbStats(path, conn.execute("PRAGMA page_size").fetchone()[0], _size(path), _size(path + "-wal"),
-                   conn.execute("PRAGMA freelist_count").fetchone()[0], auto, free, total, objects,
+    return DbStats(backend.describe(db_path), storage.page_size, storage.db_bytes or 0, storage.wal_bytes,
+                   storage.free_pages, storage.auto_vacuum, free, total, objects,
                    growth, net, days_until_full(free, growth))

@@ -1,14 +1,16 @@
 """`ingest diagnose stall`: the checks an operator used to run by hand, each with a verdict and
 the next step. The status checks (ingest.health) plus the slower or environmental ones: token
 trend, cursor and watermark progress, SQLite library version, free disk, database integrity.
+On PostgreSQL the disk is the server's (not visible from here) and the integrity check is
+skipped, saying so (ingest.backends: `disk_folder`, `integrity`).
 """
 
-import os
 import shutil
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from .backends import Store, backend_of, open_store
 from .checkpoints import BackfillCursor, UpsertWatermark
 from .health import CORE_CHECKS, _between_passes, token_accounts
 from .verdicts import Check, Context, HealthReport, ago, combine, make_context, run_checks
@@ -28,9 +30,13 @@ TREND_BUCKET_S = 600.0
 class Environment:
     """What the environmental checks look at (tests replace each piece)."""
 
-    db_path: Path | None
+    db_path: "Path | str | None"     # an SQLite file or a PostgreSQL URL
     sqlite_version: str = sqlite3.sqlite_version
     disk_usage: object = shutil.disk_usage
+
+    @property
+    def store(self) -> Store | None:
+        return open_store(self.db_path) if self.db_path is not None else None
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -49,12 +55,14 @@ def check_sqlite_version(env: Environment) -> Check:
 
 
 def check_disk(env: Environment) -> Check:
-    folder = env.db_path.parent if env.db_path else Path.cwd()
+    folder = env.store.backend.disk_folder(env.db_path) if env.db_path else Path.cwd()
+    if folder is None:
+        return Check("disk", "ok", "the server's disk: not visible from here", "", {"folder": None})
     try:
         usage = env.disk_usage(folder)
     except OSError as e:
         return Check("disk", "warn", f"cannot read free space of {folder}: {e.strerror}", "check the mount", {})
-    size = _db_size(env.db_path)
+    size = _db_size(env)
     data = {"folder": str(folder), "free_bytes": usage.free, "total_bytes": usage.total, "db_bytes": size}
     free = f"{usage.free / 2**30:.2f} GiB free on {folder}"
     if usage.free < max(DISK_FAIL_BYTES, size):
@@ -65,29 +73,23 @@ def check_disk(env: Environment) -> Check:
     return Check("disk", "ok", free, "", data)
 
 
-def _db_size(path: Path | None) -> int:
-    if path is None:
+def _db_size(env: Environment) -> int:
+    """The database with its -wal and -shm, in bytes, where this host sees them (0: it does not)."""
+    if env.db_path is None:
         return 0
-    total = 0
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            total += os.path.getsize(f"{path}{suffix}")
-        except OSError:
-            pass
-    return total
+    return env.store.backend.storage(None, env.db_path).total_bytes
 
 
 def check_integrity(conn, env: Environment) -> Check:
-    size = _db_size(env.db_path)
-    pragma = "quick_check" if size > QUICK_CHECK_ABOVE_BYTES else "integrity_check"
-    try:
-        rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}(20)").fetchall()]
-    except sqlite3.DatabaseError as e:
-        rows = [str(e)]
-    data = {"pragma": pragma, "db_bytes": size, "result": rows}
+    size = _db_size(env)
+    result = backend_of(conn).integrity(conn, quick=size > QUICK_CHECK_ABOVE_BYTES)
+    rows = list(result.problems) or ["ok"]
+    data = {"pragma": result.check, "db_bytes": size, "result": rows}
+    if result.skipped:
+        return Check("integrity", "ok", f"{result.label}: {result.skipped}", "", {**data, "result": None})
     if rows == ["ok"]:
-        return Check("integrity", "ok", f"PRAGMA {pragma}: ok", "", data)
-    return Check("integrity", "fail", f"PRAGMA {pragma}: {rows[0]}" + (f" (+{len(rows) - 1} more)" if len(rows) > 1 else ""),
+        return Check("integrity", "ok", f"{result.label}: ok", "", data)
+    return Check("integrity", "fail", f"{result.label}: {rows[0]}" + (f" (+{len(rows) - 1} more)" if len(rows) > 1 else ""),
                  "stop the workers (scripts/stop), copy the files aside, then recover:"
                  " sqlite3 DB .recover | sqlite3 NEW.db; see docs/diagnostics.md", data)
 

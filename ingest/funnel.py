@@ -47,7 +47,7 @@ def deal_stats(conn, now: float, window_s: float) -> dict:
     """The funnel over (now - window_s, now]: seen -> evaluated -> accepted / rejected by reason /
     incomplete by cause, rates per hour, and the deals table as it stands."""
     since, hours = now - window_s, window_s / 3600.0
-    seen = conn.execute("SELECT count(*), sum(first_seen >= ?) FROM deals WHERE last_seen >= ?",
+    seen = conn.execute("SELECT count(*), sum(CASE WHEN first_seen >= ? THEN 1 ELSE 0 END) FROM deals WHERE last_seen >= ?",
                         (since, since)).fetchone()
     evaluated = conn.execute(
         "SELECT count(DISTINCT asin) FROM decisions WHERE outcome != 'removed' AND at >= ? AND at <= ?",

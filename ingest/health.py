@@ -15,14 +15,13 @@ folding are ingest/verdicts.py):
 All times come from `now` (wall seconds) so tests build a database state and inject the time.
 """
 
-import sqlite3
-
+from .backends import backend_of
 from .checkpoints import BackfillCursor
 from .clock import SYSTEM_CLOCK
 from .lease_rules import ACQUISITIONS, LeaseState
 from .lease_table import CorruptLease
 from .leases import LeaseTiming
-from .store import LOW_SPACE_BYTES, database_file, free_bytes, latest_version, schema_version, size_text
+from .store import LOW_SPACE_BYTES, free_bytes, latest_version, size_text
 from .token_model import Account
 from .verdicts import WORKERS, Check, Context, HealthReport, ago, combine, make_context, run_checks
 
@@ -42,11 +41,12 @@ def _age(now: float, then: float | None) -> float | None:
 
 
 def check_database(ctx: Context) -> Check:
+    backend = backend_of(ctx.conn)
     try:
-        version = schema_version(ctx.conn)
+        version = backend.schema_version(ctx.conn)
         known = latest_version()
         ctx.conn.execute("SELECT count(*) FROM leases").fetchone()
-    except sqlite3.Error as e:
+    except backend.errors as e:
         return Check("database", "fail", f"the database cannot be read: {e}",
                      "check the file and its permissions: ingest db info; restore from backup if damaged")
     data = {"schema_version": version, "latest": known}
@@ -319,11 +319,13 @@ def check_subscription(ctx: Context) -> Check:
 def check_space(ctx: Context) -> Check:
     """A full disk: a worker waiting for space (state disk_full), or almost nothing free where
     the database is. Workers roll the step back and retry; nothing is lost meanwhile."""
-    path = database_file(ctx.conn)
+    path = backend_of(ctx.conn).database_file(ctx.conn)
+    waiting = [w for w in ctx.workers if (ctx.progress(w) or {}).get("state") == "disk_full"]
+    if path is None:  # PostgreSQL: the server's disk
+        return _server_space(waiting)
     if not path:
         return Check("space", "ok", "in-memory database", "", {})
     free = free_bytes(path)
-    waiting = [w for w in ctx.workers if (ctx.progress(w) or {}).get("state") == "disk_full"]
     data = {"path": path, "free_bytes": free, "waiting": waiting}
     if waiting or (free is not None and free < LOW_SPACE_BYTES):
         who = f"; {', '.join(waiting)} waiting for space" if waiting else ""
@@ -332,6 +334,15 @@ def check_space(ctx: Context) -> Check:
                      " ingest db stats shows what is big) or grow it: the workers retry every"
                      " [worker] disk_full_retry_s and carry on by themselves", data)
     return Check("space", "ok", f"{size_text(free)} free for {path}", "", data)
+
+
+def _server_space(waiting: list[str]) -> Check:
+    data = {"path": None, "free_bytes": None, "waiting": waiting}
+    if waiting:
+        return Check("space", "fail", f"the database server's disk is full: {', '.join(waiting)} waiting for space",
+                     "free space on the database server (or grow its disk): the workers retry every"
+                     " [worker] disk_full_retry_s and carry on by themselves", data)
+    return Check("space", "ok", "the server's disk: not visible from here", "", data)
 
 
 def check_backups(ctx: Context) -> Check:

@@ -1,8 +1,9 @@
 """Prometheus metrics: the numbers operators graph and alert on, read from the database at scrape time.
 
 There are no counters in process memory to lose on a restart: every figure is read from the one
-SQLite file every process shares, through a read-only connection opened per scrape (`mode=ro`,
-`PRAGMA query_only`, one read transaction so the figures are of one moment). A scrape costs a
+database every process shares, through a read-only connection opened per scrape (the store's
+`read_only()`: SQLite `mode=ro` and `PRAGMA query_only`; PostgreSQL READ ONLY transactions at
+REPEATABLE READ), in one read transaction so the figures are of one moment. A scrape costs a
 few indexed reads: the counters come from running totals (v008's keepa_call_totals and
 decision_totals, kept by triggers), never from a count(*) over the call log or the decisions;
 deals by status are counted on their covering index (a gauge, ~7 ms per 100k deals).
@@ -20,13 +21,11 @@ built: `ingest.settings` imports this module (for MetricsSettings) in every comm
 
 import logging
 import os
-import shutil
-import sqlite3
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import quote
 
+from .backends import Store, backend_of, open_store
 from .deals import deal_counts
 from .errors import ConfigError, StoreError
 from .health import assess_health, with_other_programs
@@ -40,7 +39,6 @@ from .verdicts import VERDICT_ORDER
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:9464"   # 9464: the port commonly used by exporters of this kind
-BUSY_TIMEOUT_S = 2.0
 # worker_progress.state values (v003_deals.sql): each worker has a 0/1 sample for every one
 WORKER_STATES = ("starting", "waiting_lease", "working", "waiting_tokens", "idle", "backoff", "stopped", "lost",
                  "error")
@@ -102,8 +100,8 @@ class WorkerFigures:
 @dataclass(frozen=True)
 class FileFigures:
     db_bytes: int
-    wal_bytes: int
-    disk_free_bytes: int
+    wal_bytes: int | None          # None: not visible from here (PostgreSQL: the server's)
+    disk_free_bytes: int | None
 
 
 @dataclass(frozen=True)
@@ -134,35 +132,17 @@ class Snapshot:
 # ------------------------------------------------------------------ reading
 
 
-def connect_read_only(path: Path) -> sqlite3.Connection:
-    """The database opened as `ingest sql` opens it: `mode=ro` (never created or migrated) and
-    `PRAGMA query_only`. A missing file is a StoreError."""
-    if not path.is_file():
-        raise StoreError(f"no database at {path}")
-    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
-    try:
-        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA query_only = 1")
-    except sqlite3.Error as e:
-        raise StoreError(f"database {path}: {e}") from None
-    return conn
-
-
 def _tables(conn) -> set[str]:
-    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return backend_of(conn).tables(conn)
 
 
-def file_figures(path: Path) -> FileFigures | None:
-    try:
-        db_bytes = path.stat().st_size
-    except OSError:
+def file_figures(store: Store, conn=None) -> FileFigures | None:
+    """The database's size, its WAL's and the free disk, as far as this host sees them (None:
+    no database file yet)."""
+    facts = store.backend.storage(conn, store.target)
+    if facts.db_bytes is None:
         return None
-    try:
-        wal_bytes = Path(f"{path}-wal").stat().st_size
-    except OSError:
-        wal_bytes = 0
-    return FileFigures(db_bytes, wal_bytes, shutil.disk_usage(path.resolve().parent).free)
+    return FileFigures(facts.db_bytes, facts.wal_bytes, facts.disk_free)
 
 
 def token_figures(conn, now: float) -> TokenFigures | None:
@@ -251,7 +231,7 @@ def last_backup_at(conn, tables: set[str]) -> float | None:
     return conn.execute("SELECT coalesce(max(at), 0.0) FROM backups WHERE ok = 1").fetchone()[0]
 
 
-def read_snapshot(conn, path: Path, now: float, *, supervisor: dict | None, stall_minutes: float = 10.0,
+def read_snapshot(conn, path: "Path | str | Store", now: float, *, supervisor: dict | None, stall_minutes: float = 10.0,
                   config: dict | None = None) -> Snapshot:
     """Every figure, in one read transaction (one moment of the database)."""
     t0 = time.perf_counter()
@@ -262,7 +242,7 @@ def read_snapshot(conn, path: Path, now: float, *, supervisor: dict | None, stal
         tables = _tables(conn)
         snap = Snapshot(
             at=now, verdict=report.verdict, checks={c.name: c.verdict for c in report.checks},
-            files=file_figures(path),
+            files=file_figures(open_store(path), conn),
             tokens=token_figures(conn, now),
             requests=request_counts(conn, tables),
             tokens_spent=tokens_spent_by_worker(conn, tables),
@@ -282,27 +262,32 @@ def read_snapshot(conn, path: Path, now: float, *, supervisor: dict | None, stal
     return replace(snap, read_seconds=time.perf_counter() - t0)
 
 
-def unreadable_snapshot(path: Path, now: float, problem: str) -> Snapshot:
+def unreadable_snapshot(store: Store, now: float, problem: str) -> Snapshot:
     """No database (not created yet) or one that cannot be read: down, the database check failing."""
-    return Snapshot(at=now, verdict="down", checks={"database": "fail"}, files=file_figures(path),
+    return Snapshot(at=now, verdict="down", checks={"database": "fail"}, files=file_figures(store),
                     problem=redact(problem))
 
 
-def snapshot(path: Path, now: float | None = None, *, supervisor: dict | None, stall_minutes: float = 10.0,
-             config: dict | None = None) -> Snapshot:
+def snapshot(path: "Path | str | Store", now: float | None = None, *, supervisor: dict | None,
+             stall_minutes: float = 10.0, config: dict | None = None) -> Snapshot:
     """One scrape's figures: a connection of its own (scrapes may come in parallel, and a file
     restored from a backup is seen at once), closed afterwards. Never raises for a bad database."""
     now = time.time() if now is None else now
+    store = open_store(path)
     try:
-        conn = connect_read_only(path)
+        conn = store.read_only()
     except StoreError as e:
-        return unreadable_snapshot(path, now, str(e))
+        return unreadable_snapshot(store, now, str(e))
     try:
-        return read_snapshot(conn, path, now, supervisor=supervisor, stall_minutes=stall_minutes, config=config)
-    except sqlite3.Error as e:
-        return unreadable_snapshot(path, now, f"database {path}: {e}")
+        return read_snapshot(conn, store, now, supervisor=supervisor, stall_minutes=stall_minutes, config=config)
+    except store.backend.errors as e:
+        return unreadable_snapshot(store, now, f"database {store.label}: {_one_line(e)}")
     finally:
         conn.close()
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # ------------------------------------------------------------------ the families (pure)
@@ -433,9 +418,9 @@ def families(s: Snapshot) -> list:
 class IngestCollector:
     """A prometheus_client custom collector: one snapshot of the database per scrape."""
 
-    def __init__(self, db_path: Path, *, supervisor_conf: str | None = None, stall_minutes: float = 10.0,
+    def __init__(self, db_path: "Path | str", *, supervisor_conf: str | None = None, stall_minutes: float = 10.0,
                  config: dict | None = None, clock=time.time):
-        self.db_path = Path(db_path)
+        self.store = open_store(db_path)
         self.supervisor_conf = supervisor_conf
         self.stall_minutes = stall_minutes
         self.config = config
@@ -446,7 +431,7 @@ class IngestCollector:
         from .supervisor import probe
 
         view = probe(self.supervisor_conf)
-        snap = snapshot(self.db_path, self.clock(), supervisor=view.programs if view.running else None,
+        snap = snapshot(self.store, self.clock(), supervisor=view.programs if view.running else None,
                         stall_minutes=self.stall_minutes, config=self.config)
         self._log_change(snap.problem)
         return snap
@@ -457,7 +442,7 @@ class IngestCollector:
             if problem:
                 log.warning("scrapes say down: %s", problem)
             else:
-                log.info("database %s readable again", self.db_path)
+                log.info("database %s readable again", self.store.label)
             self._problem = problem
 
     def collect(self):

@@ -13,7 +13,9 @@ then decides, with pure functions over what it saw:
 - a child holding a lease whose heartbeat is older than the lease's TTL is hung: killed too;
 - the holder of SQLite's WAL write lock (a POSIX lock on byte 120 of the -shm file, seen in
   /proc/locks) for longer than [watch] write_lock_max_s: killed when it is one of our children,
-  otherwise reported by pid and command line and never signalled.
+  otherwise reported by pid and command line and never signalled. (PostgreSQL has no such file
+  lock: that look finds nothing, and a session stopped inside a transaction is ended by the
+  server after ingest.backends.postgres.IDLE_IN_TRANSACTION_MS.)
 Only pids that supervisord reports as its own children (getAllProcessInfo over its unix socket,
 re-read right before the signal, and whose parent is supervisord) are ever signalled.
 Every action is a row of watch_actions and an 'action' message; verdict changes become alerts
@@ -30,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .backends import open_store
 from .alerts import AlertSettings, AlertState, Outbox, advance, compose, host_name, problems_of, state_from_history
 from .health import system_report
 from .lease_table import lease_rows
-from .metrics import connect_read_only
 from .procinfo import command_line, parent_pid, process_state
 from .settings import setting
 from .supervisor import probe
@@ -231,8 +233,13 @@ def held_leases(conn, now: float) -> list[HeldLease]:
 
 def shm_lock_holder(db_path: Path, locks_path: Path = PROC_LOCKS) -> int | None:
     """The pid holding the database's WAL write lock now, or None."""
+    return lock_file_holder(Path(f"{db_path}-shm"), locks_path)
+
+
+def lock_file_holder(lock_file: Path, locks_path: Path = PROC_LOCKS) -> int | None:
+    """The pid holding the write lock byte of `lock_file` (SQLite's -shm) now, or None."""
     try:
-        st = os.stat(f"{db_path}-shm")
+        st = os.stat(lock_file)
         text = locks_path.read_text()
     except OSError:
         return None
@@ -275,18 +282,22 @@ class Watcher:
     _conn: object = None
     _missing_logged: bool = False
 
+    @property
+    def store(self):
+        return open_store(self.db_path)
+
     def conn(self):
         """Read only, never migrated: a look must not wait for the write lock (its holder may be
         the very thing to act on). The outbox writes, with its own connection."""
         if self._conn is None:
-            self._conn = connect_read_only(Path(self.db_path))
+            self._conn = self.store.read_only()
         return self._conn
 
     def look(self, now: float | None = None) -> list[Action]:
         now = time.time() if now is None else now
-        if not Path(self.db_path).exists():
+        if not self.store.backend.exists(self.db_path):
             if not self._missing_logged:
-                log.info("waiting for %s (the workers create it)", self.db_path)
+                log.info("waiting for %s (the workers create it)", self.store.label)
                 self._missing_logged = True
             return []
         view = probe(self.supervisor_conf)
@@ -301,7 +312,8 @@ class Watcher:
 
     def _act(self, conn, programs: dict, now: float) -> list[Action]:
         children = children_of(programs)
-        holder = shm_lock_holder(self.db_path)
+        lock_file = self.store.backend.write_lock_file(self.db_path)
+        holder = lock_file_holder(lock_file) if lock_file is not None else None
         self.lock = track_lock(self.lock, holder, now, command_line(holder) if holder else "")
         self.stopped = track_stopped(self.stopped, children, now)
         actions = decide(children, held_leases(conn, now), self.lock, self.stopped, now, self.settings, os.getpid())
@@ -323,7 +335,7 @@ class Watcher:
                          (now, action.action, reason, action.pid, action.program, action.detail or None))
 
         note = reason + (f". Command line: {action.detail}" if action.detail else "")
-        self.outbox.put(compose("action", None, None, (), host=host_name(), database=str(self.db_path), at=now,
+        self.outbox.put(compose("action", None, None, (), host=host_name(), database=self.store.label, at=now,
                                 note=note), record)
 
     def _alert(self, report, programs, now: float) -> None:
@@ -335,7 +347,7 @@ class Watcher:
         problems = problems_of(report, programs) if kind != "recovered" else ()
         since = before.since if kind in ("recovered", "repeat") else None
         self.outbox.put(compose(kind, report.verdict, previous, problems, host=host_name(),
-                                database=str(self.db_path), at=now, since=since))
+                                database=self.store.label, at=now, since=since))
 
 
 LOOK_ON = ("TICK_5", "PROCESS_STATE_FATAL", "PROCESS_STATE_EXITED", "PROCESS_STATE_BACKOFF")

@@ -254,6 +254,8 @@ class PostgresBackend:
         """The database's size on the server (pg_database_size); its disk and WAL are the server's."""
         from . import Storage
 
+        if conn is None:
+            return Storage(db_bytes=None)
         size, block = conn.execute("SELECT pg_database_size(current_database()),"
                                    " current_setting('block_size')::int").fetchone()
         return Storage(db_bytes=size, page_size=block)
@@ -272,8 +274,14 @@ class PostgresBackend:
     def integrity(self, conn: PgConnection, *, quick: bool) -> "Integrity":
         from . import Integrity
 
-        return Integrity("amcheck", skipped="not checked from here on PostgreSQL (the server's data checksums and"
+        return Integrity("amcheck", "amcheck", skipped="not checked from here on PostgreSQL (the server's data checksums and"
                                             " amcheck's bt_index_check, run by its administrator, are the tools)")
+
+    def database_file(self, conn) -> None:
+        return None  # no local file: the server's
+
+    def exists(self, target: str) -> bool:
+        return True  # connecting tells
 
     def write_lock_file(self, target: str) -> None:
         return None  # no file lock: a transaction stopped midway is ended by the server (IDLE_IN_TRANSACTION_MS)
@@ -285,7 +293,8 @@ READ_ONLY_STATEMENT_TIMEOUT_MS = 30_000  # an admin query (ingest sql, a scrape)
 
 class ReadOnlyPgConnection(PgConnection):
     """A connection whose every transaction is READ ONLY (`default_transaction_read_only`: the
-    server refuses any write) and whose statements end after READ_ONLY_STATEMENT_TIMEOUT_MS."""
+    server refuses any write) at REPEATABLE READ (one snapshot per transaction), and whose
+    statements end after READ_ONLY_STATEMENT_TIMEOUT_MS."""
 
     statement_timeout_ms = READ_ONLY_STATEMENT_TIMEOUT_MS
 
@@ -293,6 +302,8 @@ class ReadOnlyPgConnection(PgConnection):
         raw = super()._dial()
         try:
             raw.execute("SET default_transaction_read_only = on")
+            # a BEGIN sees one moment, as SQLite's read transaction does (a scrape's figures agree)
+            raw.execute("SET default_transaction_isolation = 'repeatable read'")
             raw.execute(f"SET statement_timeout = {int(self.statement_timeout_ms)}")
         except psycopg.Error as e:
             raw.close()

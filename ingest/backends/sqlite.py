@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ..errors import StoreError
-from ..store import BEGIN_ATTEMPTS, connect, migrate, open_db, retry_busy, schema_version, transaction
+from ..store import BEGIN_ATTEMPTS, connect, database_file, migrate, open_db, retry_busy, schema_version, transaction
 
 READ_ONLY_BUSY_TIMEOUT_S = 2.0
 AUTO_VACUUM = {0: "none", 1: "full", 2: "incremental"}
@@ -92,23 +92,30 @@ class SQLiteBackend:
         return migrate(conn)
 
     def disk_folder(self, target) -> Path:
-        return Path(target).resolve().parent
+        return Path(target).parent
 
     def storage(self, conn, target) -> "Storage":
-        """The file, its -wal and -shm, its pages, and the disk it is on."""
+        """The file (None when there is none), its -wal and -shm, its pages (with `conn`), and
+        the disk it is on."""
         from . import Storage
 
         path = str(target)
+        try:
+            db_bytes = os.stat(path).st_size
+        except OSError:
+            db_bytes = None
         try:
             usage = shutil.disk_usage(self.disk_folder(target))
             free, total = usage.free, usage.total
         except OSError:
             free = total = None
-        return Storage(db_bytes=_size(path), wal_bytes=_size(path + "-wal"), shm_bytes=_size(path + "-shm"),
-                       page_size=conn.execute("PRAGMA page_size").fetchone()[0],
-                       free_pages=conn.execute("PRAGMA freelist_count").fetchone()[0],
-                       auto_vacuum=AUTO_VACUUM.get(conn.execute("PRAGMA auto_vacuum").fetchone()[0], "?"),
-                       disk_folder=str(self.disk_folder(target)), disk_free=free, disk_total=total)
+        pages = {}
+        if conn is not None:
+            pages = dict(page_size=conn.execute("PRAGMA page_size").fetchone()[0],
+                         free_pages=conn.execute("PRAGMA freelist_count").fetchone()[0],
+                         auto_vacuum=AUTO_VACUUM.get(conn.execute("PRAGMA auto_vacuum").fetchone()[0], "?"))
+        return Storage(db_bytes=db_bytes, wal_bytes=_size(path + "-wal"), shm_bytes=_size(path + "-shm"),
+                       disk_folder=str(self.disk_folder(target)), disk_free=free, disk_total=total, **pages)
 
     def object_sizes(self, conn) -> list[tuple[str, str, str, int | None]]:
         """(name, 'table' | 'index', its table, bytes) of every table and index; bytes from
@@ -130,7 +137,14 @@ class SQLiteBackend:
             rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}(20)").fetchall()]
         except sqlite3.DatabaseError as e:
             rows = [str(e)]
-        return Integrity(pragma, () if rows == ["ok"] else tuple(rows))
+        return Integrity(pragma, f"PRAGMA {pragma}", () if rows == ["ok"] else tuple(rows))
+
+    def database_file(self, conn) -> str:
+        """The main database file of `conn` ('' for an in-memory database, or unknown)."""
+        return database_file(conn) or ""
+
+    def exists(self, target) -> bool:
+        return Path(target).exists()
 
     def write_lock_file(self, target) -> Path:
         """The file whose POSIX locks show who holds the write lock (ingest.watch): the -shm."""

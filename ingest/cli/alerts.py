@@ -47,7 +47,7 @@ def test(app):
     """Send a test message to every channel now; exit 1 if one failed."""
     from ..alerts import AlertSettings, Outbox, channels_from, compose, host_name, recent_alerts
     from ..logs import register_secret
-    from ..store import open_db
+    from ..backends import open_store
 
     register_secret(app.settings["keepa"].api_key)
     settings = AlertSettings.from_config(app.config)
@@ -58,8 +58,8 @@ def test(app):
         sys.exit(EXIT_FAILURE)
     db_path = app.db_path
     app.db()  # migrated before the outbox writes
-    outbox = Outbox(lambda: open_db(db_path), channels, settings).start()
-    outbox.put(compose("test", None, None, (), host=host_name(), database=str(db_path), at=time.time()))
+    outbox = Outbox(lambda: open_store(db_path).open(), channels, settings).start()
+    outbox.put(compose("test", None, None, (), host=host_name(), database=open_store(db_path).label, at=time.time()))
     outbox.drain(timeout=settings.attempts * (settings.timeout_s + settings.backoff_s * 2 ** settings.attempts))
     outbox.close()
     sent = recent_alerts(app.db(), 1)[0]["deliveries"]

@@ -4,7 +4,8 @@ import time
 
 import click
 
-from ..store import connect, latest_version, migrate, require_database, schema_version, size_text
+from ..backends import open_store
+from ..store import latest_version, require_database, size_text
 
 
 @click.group("db")
@@ -16,20 +17,22 @@ def db_group():
 @click.pass_obj
 def migrate_command(app):
     """Apply pending schema migrations."""
-    conn = connect(app.db_path)
-    applied = migrate(conn)
+    store = open_store(app.db_path)
+    conn = store.connect()
+    applied = store.backend.migrate(conn)
+    version = store.backend.schema_version(conn)
     if applied:
-        click.echo(f"migrated {app.db_path} to version {schema_version(conn)} (applied {', '.join(map(str, applied))})")
+        click.echo(f"migrated {store.label} to version {version} (applied {', '.join(map(str, applied))})")
     else:
-        click.echo(f"{app.db_path} is at version {schema_version(conn)}: nothing to do")
+        click.echo(f"{store.label} is at version {version}: nothing to do")
 
 
 @db_group.command("version")
 @click.pass_obj
 def version_command(app):
     """Print the schema version of the database (and the newest this ingest knows)."""
-    conn = connect(require_database(app.db_path))
-    click.echo(f"{schema_version(conn)} (latest {latest_version()})")
+    store = open_store(require_database(app.db_path))
+    click.echo(f"{store.backend.schema_version(store.connect())} (latest {latest_version()})")
 
 
 _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -116,11 +119,7 @@ def stats_command(app, as_json):
             for o in sorted(stats.objects, key=lambda o: -(o.bytes or 0))]
     echo_table(["NAME", "KIND", "ROWS", "BYTES", "SIZE"], rows)
     click.echo()
-    click.echo(f"file         {stats.path}: {size_text(stats.file_bytes)} (page {stats.page_size} B,"
-               f" {stats.free_pages} free pages = {size_text(stats.free_pages * stats.page_size)}),"
-               f" auto_vacuum {stats.auto_vacuum}")
-    click.echo(f"wal          {size_text(stats.wal_bytes)}")
-    click.echo(f"disk         {size_text(stats.disk_free)} free of {size_text(stats.disk_total)}")
+    _show_file(stats)
     if stats.growth_bytes_per_day is None:
         click.echo("growth       unknown (this SQLite has no dbstat)")
     else:
@@ -128,8 +127,21 @@ def stats_command(app, as_json):
         click.echo(f"growth       {size_text(int(abs(stats.growth_bytes_per_day)))}/day"
                    f"{' shrinking' if stats.growth_bytes_per_day < 0 else ''} (net rows, last day: {rows_text or 'none'})")
         days = stats.days_until_full
-        full = ("never at this rate" if days is None else "more than 10 years" if days > 3650 else f"{days:.1f} days")
+        full = ("unknown (the server's disk)" if stats.free_pages is None else "never at this rate" if days is None else "more than 10 years" if days > 3650 else f"{days:.1f} days")
         click.echo(f"disk full in {full}")
+
+
+def _show_file(stats) -> None:
+    """The file, its WAL and the disk; a database on a server (PostgreSQL) has only its size here."""
+    if stats.free_pages is None:
+        click.echo(f"database     {stats.path}: {size_text(stats.file_bytes)} (pg_database_size)")
+        click.echo("wal, disk    the server's: not visible from here")
+        return
+    click.echo(f"file         {stats.path}: {size_text(stats.file_bytes)} (page {stats.page_size} B,"
+               f" {stats.free_pages} free pages = {size_text(stats.free_pages * stats.page_size)}),"
+               f" auto_vacuum {stats.auto_vacuum}")
+    click.echo(f"wal          {size_text(stats.wal_bytes)}")
+    click.echo(f"disk         {size_text(stats.disk_free)} free of {size_text(stats.disk_total)}")
 
 
 @db_group.command("source")

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import click
 
+from ..backends import open_store
 from ..errors import EXIT_FAILURE, EXIT_OK, IngestError
 from ..logs import setup_logging
 from ..metrics import IngestCollector, exposition, parse_listen, registry_for, write_textfile
@@ -99,7 +100,7 @@ def serve(app, listen, supervisor_conf):
     log = setup_logging("metrics")
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    log.info("serving http://%s:%s%s (database %s)", shown, bound_port, METRICS_PATH, app.db_path)
+    log.info("serving http://%s:%s%s (database %s)", shown, bound_port, METRICS_PATH, open_store(app.db_path).label)
     _stop_on_sigterm()
     try:
         server.serve_forever()

@@ -8,6 +8,7 @@ from datetime import datetime
 
 import click
 
+from ..backends import open_store
 from ..errors import EXIT_BY_VERDICT
 from ..health import system_report
 from ..supervisor import describe_exit, probe
@@ -52,7 +53,7 @@ def gather(app, *, stall_minutes: float, supervisor_conf: str | None, now: float
         "verdict": assessment["verdict"],
         "problems": assessment["problems"],
         "at": now,
-        "database": str(app.db_path),
+        "database": open_store(app.db_path).label,
         "supervisor": {
             "running": view.running, "config": str(view.config) if view.config else None,
             "pid": view.supervisord_pid, "error": view.error, "programs": view.programs,

@@ -13,13 +13,13 @@ from ..logs import register_secret, setup_logging
 
 def build_watcher(app, supervisor_conf: str | None):
     from ..alerts import AlertSettings, Outbox, channels_from
-    from ..store import open_db
+    from ..backends import open_store
     from ..watch import Watcher, WatchSettings
 
     register_secret(app.settings["keepa"].api_key)
     alert_settings = AlertSettings.from_config(app.config)
     db_path = app.db_path
-    outbox = Outbox(lambda: open_db(db_path), channels_from(alert_settings), alert_settings).start()
+    outbox = Outbox(lambda: open_store(db_path).open(), channels_from(alert_settings), alert_settings).start()
     return Watcher(db_path, app.config, outbox, stall_minutes=app.settings["health"].stall_minutes,
                    supervisor_conf=supervisor_conf, settings=WatchSettings.from_config(app.config),
                    alert_settings=alert_settings)
@@ -52,7 +52,7 @@ def watch(app, once, supervisor_conf):
         click.echo(f"verdict {state.pending or state.reported or 'unknown'}; {len(actions)} action(s)")
         return
     log = logging.getLogger("ingest.watch")
-    log.info("watching %s (TICK_5, PROCESS_STATE); %d alert channel(s)", app.db_path, len(watcher.outbox.channels))
+    log.info("watching %s (TICK_5, PROCESS_STATE); %d alert channel(s)", watcher.store.label, len(watcher.outbox.channels))
     code = listen(watcher)
     watcher.outbox.close(timeout=30)
     sys.exit(code)
