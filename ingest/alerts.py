@@ -29,7 +29,7 @@ import requests
 from .errors import ConfigError
 from .logs import redact
 from .settings import setting
-from .store import transaction
+from .backends import transaction
 from .verdicts import HealthReport, ago
 
 log = logging.getLogger(__name__)
@@ -342,10 +342,11 @@ def record_message(conn, message: Message) -> int:
 
 def insert_message(conn, message: Message) -> int:
     cur = conn.execute(
-        "INSERT INTO alert_messages (at, kind, verdict, previous, text, payload) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO alert_messages (at, kind, verdict, previous, text, payload) VALUES (?, ?, ?, ?, ?, ?)"
+        " RETURNING id",
         (message.at, message.kind, message.verdict, message.previous, message.text,
          json.dumps(message.to_json(), separators=(",", ":"))))
-    return cur.lastrowid
+    return cur.fetchone()[0]
 
 
 def record_delivery(conn, message_id: int | None, message: Message, delivery: Delivery, now: float) -> None:

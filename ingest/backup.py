@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .backends import is_url
 from .errors import ConfigError, IngestError, StoreError
 from .lease_rules import LeaseState
 from .lease_table import lease_rows
@@ -233,9 +234,21 @@ def prune_backups(folder: Path, keep: int) -> list[str]:
     return doomed
 
 
+SERVER_BACKUPS = "backups of a PostgreSQL database are the server's (pg_dump, or base backups and WAL archiving)"
+_SAID_SERVER_BACKUPS = False
+
+
+def require_file(db_path) -> Path:
+    """Backups, restores and vacuum work on an SQLite file: a PostgreSQL URL is a ConfigError."""
+    if is_url(db_path):
+        raise ConfigError(f"{SERVER_BACKUPS}; ingest backs up, restores and vacuums SQLite files only")
+    return Path(db_path)
+
+
 def take_backup(db_path: Path, dest: str | None = None, *, keep: int | None = None,
                 settings: BackupSettings = BackupSettings(), now: float | None = None) -> BackupResult:
     """One checked backup of `db_path`; `keep` prunes the folder it went to."""
+    db_path = require_file(db_path)
     now = time.time() if now is None else now
     final = destination(db_path, dest, settings, now).absolute()
     if final.exists():
@@ -259,6 +272,12 @@ def take_backup(db_path: Path, dest: str | None = None, *, keep: int | None = No
 def scheduled_backup(db_path: Path, conn: sqlite3.Connection, now: float, settings: BackupSettings) -> BackupResult | None:
     """What the upsert worker's maintenance step does: a backup when one is due. A failure is
     one warning line (recorded as a failed row); the worker carries on."""
+    if is_url(db_path):
+        global _SAID_SERVER_BACKUPS
+        if not _SAID_SERVER_BACKUPS:
+            log.info("scheduled backups skipped: %s", SERVER_BACKUPS)
+            _SAID_SERVER_BACKUPS = True
+        return None
     if not is_due(last_backup(conn, ok_only=True), now, settings):
         return None
     try:
@@ -307,6 +326,7 @@ class RestoreResult:
 
 def restore(db_path: Path, source: Path, *, force: bool = False, now: float | None = None) -> RestoreResult:
     """Swap `source` in as the database at `db_path`, keeping the replaced file beside it."""
+    db_path = require_file(db_path)
     now = time.time() if now is None else now
     db_path, source = Path(db_path), Path(source)
     if not source.is_file():
@@ -380,6 +400,7 @@ AUTO_VACUUM = {0: "none", 1: "full", 2: "incremental"}
 def vacuum(db_path: Path) -> VacuumResult:
     """Rewrite the file with auto_vacuum = INCREMENTAL (so retention's pruning shrinks it from
     then on). Refused while a live process holds a lease: VACUUM holds the write lock throughout."""
+    db_path = require_file(db_path)
     conn = connect(db_path)
     try:
         refuse_if_in_use(conn, "vacuum", "")

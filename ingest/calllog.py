@@ -37,21 +37,11 @@ def prune(conn, now: float, days: float = DEFAULT_RETENTION_DAYS) -> int:
     return conn.execute("DELETE FROM keepa_calls WHERE at < ?", (now - days * 86400,)).rowcount
 
 
-def _read_table(conn, name: str) -> "sqlite_utils.db.Table":
-    """A sqlite-utils view of one table on the caller's connection, for reads only: with
-    recursive_triggers=False and execute_plugins=False it sends nothing to the connection.
-    Never for writes: its atomic() is a deferred BEGIN (store.transaction is the way).
-    Imported here, not at the top: the workers import this module, and sqlite-utils takes
-    0.1-0.3 s to import, which a restarted worker would add to its handover."""
-    import sqlite_utils
-
-    return sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False).table(name)
-
-
 def recent(conn, limit: int = 50, worker: str | None = None) -> list[dict]:
     """The newest `limit` calls, newest first, optionally of one worker only."""
-    where, args = ("worker = ?", [worker]) if worker else (None, None)
-    return list(_read_table(conn, "keepa_calls").rows_where(where, args, order_by="id DESC", limit=int(limit)))
+    where, args = ("WHERE worker = ?", (worker,)) if worker else ("", ())
+    rows = conn.execute(f"SELECT * FROM keepa_calls {where} ORDER BY id DESC LIMIT ?", (*args, int(limit))).fetchall()
+    return [dict(row) for row in rows]
 
 
 def spend_by_worker(conn, since: float) -> dict[str, dict]:
@@ -60,8 +50,9 @@ def spend_by_worker(conn, since: float) -> dict[str, dict]:
     settles each call (failed calls the server charged included); worker_progress.tokens_spent is
     the workers' own count and skips those."""
     rows = conn.execute(
-        "SELECT worker, count(*) AS calls, coalesce(sum(actual), 0) AS tokens,"
-        " sum(status = 'rate_limited') AS rate_limited FROM keepa_calls WHERE at >= ? GROUP BY worker",
+        "SELECT worker, count(*) AS calls, CAST(coalesce(sum(actual), 0) AS BIGINT) AS tokens,"
+        " sum(CASE WHEN status = 'rate_limited' THEN 1 ELSE 0 END) AS rate_limited"
+        " FROM keepa_calls WHERE at >= ? GROUP BY worker",
         (since,),
     ).fetchall()
     return {r["worker"]: {"calls": r["calls"], "tokens": r["tokens"], "rate_limited": r["rate_limited"]} for r in rows}

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .settings import KeepaSettings
-from .store import transaction
+from .backends import backend_of, transaction
 from .token_model import account_id
 
 SIMULATOR = "simulator"
@@ -46,7 +46,7 @@ def source_of(keepa: KeepaSettings) -> str:
 
 
 def _has_table(conn: sqlite3.Connection) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'db_source'").fetchone() is not None
+    return "db_source" in backend_of(conn).tables(conn)
 
 
 def recorded(conn: sqlite3.Connection) -> DbSource | None:

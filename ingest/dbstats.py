@@ -94,10 +94,11 @@ def _rows_between(conn, table: str, column: str, start: float, end: float) -> in
 def growth_rows(conn, now: float, retention: RetentionSettings,
                 call_log_days: float) -> tuple[dict[str, int], dict[str, int]]:
     """(rows added in the last day, rows leaving in the next day) per table."""
-    existing = backend_of(conn).tables(conn)
+    backend = backend_of(conn)
+    existing = backend.tables(conn)
     added = {t: _rows_between(conn, t, c, now - DAY_S, now + DAY_S) for t, c in ADDED_AT.items() if t in existing}
     leaving = {}
-    for t in targets(retention, call_log_days, existing):
+    for t in targets(retention, call_log_days, existing, backend.now_sql):
         cutoff = now - t.days * DAY_S
         leaving[t.table] = _rows_between(conn, t.table, t.column, cutoff, cutoff + DAY_S)
     if "decisions" in existing:

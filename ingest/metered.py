@@ -32,7 +32,7 @@ from .keepa import (
 from .ledger import SPIN, Ledger, Stopped, ledger_connection
 from .logs import register_secret
 from .settings import KeepaSettings, parse, with_environment
-from .store import transaction
+from .backends import transaction
 from .token_costs import product_kind
 from .token_model import LedgerPolicy, account_id
 from .token_transitions import CostAboveCap

@@ -6,7 +6,7 @@ from typing import Callable
 
 from . import deals as store_deals
 from .analytics import AnalyticsParams, evaluate_deal
-from .store import transaction
+from .backends import transaction
 
 CHUNK = 500
 

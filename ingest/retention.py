@@ -26,14 +26,17 @@ from typing import Callable, ContextManager
 
 from .errors import StoreError
 from .settings import parse, setting
-from .store import disk_full, database_file, is_disk_full, transaction
+from .backends import backend_of, transaction
+from .store import disk_full, database_file, is_disk_full
 
 log = logging.getLogger("ingest.retention")
 
 DAY_S = 86400.0
 # lease_events rows younger than a day by SQLite's own clock cannot be deleted (v009 trigger):
 # never select them, whatever the worker's clock says (`d` is the table in batch_sql)
-LEASE_EVENTS_FLOOR_SQL = "d.at < (julianday('now') - 2440587.5) * 86400.0 - 86400.0"
+# rows younger than a day by the database's clock are refused by the append-only triggers
+DAY_OLD_SQL = "d.at < {now} - 86400.0"  # {now}: the backend's now_sql
+UNREFERENCED_MESSAGE_SQL = "NOT EXISTS (SELECT 1 FROM alerts a WHERE a.message_id = d.id)"
 
 
 @dataclass(frozen=True)
@@ -67,31 +70,34 @@ class Target:
     floor_sql: str | None = None
 
 
-OPTIONAL_TABLES = ("alerts", "watch_actions")  # the watch branch's; pruned once they exist
+WATCH_TABLES = ("alerts", "watch_actions")  # v012; alert_messages after alerts (they refer to it)
 
 
-def targets(settings: RetentionSettings, call_log_days: float, existing: set[str]) -> list[Target]:
-    """What is pruned, for the tables that exist in this file."""
+def targets(settings: RetentionSettings, call_log_days: float, existing: set[str], now_sql: str) -> list[Target]:
+    """What is pruned, for the tables that exist in this database, in this order. `now_sql`:
+    the database's own time in seconds (ingest.backends: `now_sql`)."""
+    day_old = DAY_OLD_SQL.format(now=now_sql)
     wanted = [
         Target("decisions", "at", settings.decisions_days, keep_latest_by="asin"),
-        Target("lease_events", "at", settings.lease_events_days, floor_sql=LEASE_EVENTS_FLOOR_SQL),
+        Target("lease_events", "at", settings.lease_events_days, floor_sql=day_old),
         Target("fenced_commits", "at", settings.fenced_commits_days),
         Target("keepa_calls", "at", call_log_days),
         Target("backups", "at", settings.history_days),
-        *(Target(t, "at", settings.history_days) for t in OPTIONAL_TABLES),
+        *(Target(t, "at", settings.history_days, floor_sql=day_old) for t in WATCH_TABLES),
+        Target("alert_messages", "at", settings.history_days, floor_sql=f"{day_old} AND {UNREFERENCED_MESSAGE_SQL}"),
     ]
     return [t for t in wanted if t.table in existing]
 
 
 def batch_sql(t: Target) -> str:
-    """The ids of the next batch of expired rows after `:after` (oldest first)."""
-    where = ["d.id > :after", f"d.{t.column} < :cutoff"]
+    """The ids of the next batch of expired rows: parameters (after id, cutoff, limit), oldest first."""
+    where = ["d.id > ?", f"d.{t.column} < ?"]
     if t.keep_latest_by:
         k = t.keep_latest_by
         where.append(f"EXISTS (SELECT 1 FROM {t.table} n WHERE n.{k} = d.{k} AND n.id > d.id)")
     if t.floor_sql:
         where.append(t.floor_sql)
-    return f"SELECT d.id FROM {t.table} d WHERE {' AND '.join(where)} ORDER BY d.id LIMIT :limit"
+    return f"SELECT d.id FROM {t.table} d WHERE {' AND '.join(where)} ORDER BY d.id LIMIT ?"
 
 
 @dataclass
@@ -108,7 +114,7 @@ class PruneReport:
 Commit = Callable[[str, str], ContextManager]  # (what, source) -> (write conn, context): a worker's fenced commit
 
 
-def unfenced(conn: sqlite3.Connection) -> Commit:
+def unfenced(conn) -> Commit:
     """A Commit that is a plain write transaction (the CLI and benches: no lease of their own)."""
 
     @contextmanager
@@ -119,16 +125,12 @@ def unfenced(conn: sqlite3.Connection) -> Commit:
     return commit
 
 
-def existing_tables(conn: sqlite3.Connection) -> set[str]:
-    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-
-def prune_table(conn: sqlite3.Connection, commit: Commit, t: Target, now: float, batch_rows: int,
+def prune_table(conn, commit: Commit, t: Target, now: float, batch_rows: int,
                 stop: Callable[[], bool] = lambda: False) -> int:
     """Delete `t`'s expired rows, `batch_rows` per write transaction; the number deleted."""
     sql, cutoff, after, deleted = batch_sql(t), now - t.days * DAY_S, 0, 0
     while not stop():
-        ids = [r[0] for r in conn.execute(sql, {"after": after, "cutoff": cutoff, "limit": batch_rows})]
+        ids = [r[0] for r in conn.execute(sql, (after, cutoff, batch_rows))]
         if not ids:
             break
         with commit("retention", "retention") as (write, _ctx):
@@ -140,9 +142,10 @@ def prune_table(conn: sqlite3.Connection, commit: Commit, t: Target, now: float,
     return deleted
 
 
-def incremental_vacuum(conn: sqlite3.Connection, pages: int, max_steps: int = 10_000) -> int:
+def incremental_vacuum(conn, pages: int, max_steps: int = 10_000) -> int:
     """Give free pages back to the disk, `pages` per step (each its own short transaction);
-    nothing on a file without auto_vacuum = INCREMENTAL. The number of pages freed."""
+    nothing on a file without auto_vacuum = INCREMENTAL. The number of pages freed. SQLite's
+    (ingest.backends.sqlite.reclaim_pages); PostgreSQL's autovacuum does this itself."""
     if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
         return 0
     freed = 0
@@ -164,16 +167,17 @@ def incremental_vacuum(conn: sqlite3.Connection, pages: int, max_steps: int = 10
     return freed
 
 
-def prune(conn: sqlite3.Connection, commit: Commit, now: float, settings: RetentionSettings,
+def prune(conn, commit: Commit, now: float, settings: RetentionSettings,
           call_log_days: float, stop: Callable[[], bool] = lambda: False) -> PruneReport:
     """One retention pass over every target, then incremental_vacuum if anything went."""
     started = time.monotonic()
     report = PruneReport()
-    for t in targets(settings, call_log_days, existing_tables(conn)):
+    backend = backend_of(conn)
+    for t in targets(settings, call_log_days, backend.tables(conn), backend.now_sql):
         n = prune_table(conn, commit, t, now, settings.batch_rows, stop)
         if n:
             report.deleted[t.table] = n
     if report.total and not stop():
-        report.pages_freed = incremental_vacuum(conn, settings.vacuum_pages)
+        report.pages_freed = backend.reclaim_pages(conn, settings.vacuum_pages)
     report.seconds = time.monotonic() - started
     return report

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 import pytest
 from click.testing import CliRunner
 
+from ingest.backends.sqlite import SQLITE
+
 from ingest.cli import main
 from ingest.dbstats import days_until_full, net_growth
 from ingest.retention import RetentionSettings, batch_sql, prune, targets, unfenced
@@ -100,9 +102,9 @@ def test_call_log_uses_the_ledger_setting_and_other_branches_tables_only_when_pr
                      [(NOW - 10 * DAY,), (NOW - DAY,)])
     report = prune(conn, unfenced(conn), NOW, RetentionSettings(), call_log_days=5)
     assert report.deleted == {"keepa_calls": 1}
-    names = {t.table for t in targets(RetentionSettings(), 30, {"decisions", "alerts"})}
+    names = {t.table for t in targets(RetentionSettings(), 30, {"decisions", "alerts"}, SQLITE.now_sql)}
     assert names == {"decisions", "alerts"}
-    assert "EXISTS" in batch_sql(targets(RetentionSettings(), 30, {"decisions"})[0])
+    assert "EXISTS" in batch_sql(targets(RetentionSettings(), 30, {"decisions"}, SQLITE.now_sql)[0])
 
 
 def test_the_file_shrinks_after_pruning(db_path):

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from ingest.backends import is_url, open_store
+
 INGEST = str(Path(sys.executable).parent / "ingest")
 TEST_KEY = "TESTKEY-0123456789abcdef-SECRET"
 
@@ -76,7 +78,14 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def query(db_path: Path, sql: str, *args):
+def query(db_path: "Path | str", sql: str, *args):
+    """Rows of `sql` on an SQLite file or a PostgreSQL URL (tuples on both)."""
+    if is_url(db_path):
+        conn = open_store(db_path).connect()
+        try:
+            return [tuple(row) for row in conn.execute(sql, args).fetchall()]
+        finally:
+            conn.close()
     conn = sqlite3.connect(db_path, timeout=10)
     try:
         return conn.execute(sql, args).fetchall()
@@ -84,15 +93,15 @@ def query(db_path: Path, sql: str, *args):
         conn.close()
 
 
-def scalar(db_path: Path, sql: str, *args):
+def scalar(db_path: "Path | str", sql: str, *args):
     """One value, or None while the database or its tables do not exist yet (a worker that
     has just started may not have migrated the file)."""
-    if not Path(db_path).exists():
+    if not is_url(db_path) and not Path(db_path).exists():
         return None
     try:
         rows = query(db_path, sql, *args)
-    except sqlite3.OperationalError as e:
-        if "no such table" in str(e):
+    except Exception as e:
+        if "no such table" in str(e) or "does not exist" in str(e):
             return None
         raise
     return rows[0][0] if rows else None

@@ -52,6 +52,10 @@ class Backend(Protocol):
     def database_file(self, conn) -> str | None: ...
     def exists(self, target) -> bool: ...
     def write_lock_file(self, target) -> "os.PathLike | None": ...
+    def identity(self, target): ...
+    now_sql: str
+    def reclaim_pages(self, conn, pages: int) -> int: ...
+    def check_identity(self, target, opened) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,17 @@ class Store:
 
     def __str__(self) -> str:
         return str(self.target)
+
+    def identity(self):
+        """What tells later whether `target` still names the database opened now (SQLite: the
+        file's device and inode, None when there is no file; PostgreSQL: None, the server's)."""
+        return self.backend.identity(self.target)
+
+    def check_identity(self, opened) -> None:
+        """DatabaseReplaced (ingest.store) unless `target` still names the database `opened`
+        (from `identity()`) identifies; nothing to check when that is None."""
+        if opened is not None:
+            self.backend.check_identity(self.target, opened)
 
     def read_only(self):
         """A connection that cannot write and never migrates (SQLite: `mode=ro` and query_only;

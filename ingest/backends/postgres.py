@@ -14,11 +14,12 @@
   they port; each applied version is recorded in `ingest_schema`.
 """
 
+import re
 from importlib import resources
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from ..errors import StoreError
+from ..errors import DiskFull, StoreError
 
 LEDGER_LOCK_TIMEOUT_MS = 10_000  # as long as the ledger's SQLite spin budget (store.Spin.budget_s)
 MIGRATION_LOCK = 0x1A6E57  # advisory lock key: one migrating process at a time
@@ -77,6 +78,19 @@ def translate(sql: str) -> str:
     return out
 
 
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")  # :name, not a ::cast
+_TRANSLATED_NAMED: dict[str, str] = {}
+
+
+def translate_named(sql: str) -> str:
+    """`:name` placeholders (with a dict of parameters, as sqlite3 takes them) to psycopg's
+    `%(name)s`; a `::type` cast is left alone. No `:name` may appear in a string literal."""
+    out = _TRANSLATED_NAMED.get(sql)
+    if out is None:
+        out = _TRANSLATED_NAMED[sql] = _NAMED.sub(r"%(\1)s", sql.replace("%", "%%"))
+    return out
+
+
 def _one_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -121,10 +135,21 @@ class PgConnection:
         self.raw.close()
         self.raw = self._dial()
 
-    def execute(self, sql: str, params: tuple | list = ()):
+    def execute(self, sql: str, params: "tuple | list | dict" = ()):
+        if isinstance(params, dict):
+            return self.raw.execute(translate_named(sql), params)
         if params:
             return self.raw.execute(translate(sql), params)
         return self.raw.execute(sql)
+
+    def executemany(self, sql: str, seq) -> None:
+        """The statement once per parameter set (one pipeline of round trips, as sqlite3's)."""
+        rows = list(seq)
+        if not rows:
+            return
+        text = translate_named(sql) if isinstance(rows[0], dict) else translate(sql)
+        with self.raw.cursor() as cursor:
+            cursor.executemany(text, rows)
 
     @property
     def in_transaction(self) -> bool:
@@ -135,6 +160,22 @@ class PgConnection:
 
     def __repr__(self) -> str:
         return f"<PgConnection {_redacted_target(self.url)}>"
+
+
+DISK_FULL = "53100"  # SQLSTATE disk_full: the server could not extend a file
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    return getattr(e, "sqlstate", None) == DISK_FULL
+
+
+def _failed(conn: PgConnection, e: BaseException) -> StoreError:
+    """The error a failed, rolled-back transaction raises: DiskFull when the server's disk is
+    full (workers wait for space and retry, as on SQLite), else a one-line StoreError."""
+    if _is_disk_full(e):
+        return DiskFull(f"disk full on the server of {_redacted_target(conn.url)}: {_one_line(e)}"
+                        " (the transaction was rolled back)")
+    return StoreError(f"write transaction failed and was rolled back: {_one_line(e)}")
 
 
 class _Transaction:
@@ -170,9 +211,11 @@ class _Transaction:
                 return False
             except psycopg.Error as e:
                 self._rollback()
-                raise StoreError(f"write transaction failed and was rolled back: {_one_line(e)}") from None
+                raise _failed(self.conn, e) from None
         lost = self.conn.lost
         self._rollback()
+        if issubclass(kind, psycopg.Error) and _is_disk_full(error):
+            raise _failed(self.conn, error) from None
         if issubclass(kind, psycopg.OperationalError) or (lost and issubclass(kind, psycopg.Error)):
             # a lock timeout, a lost or ended session, a full disk on the server: one clear line
             raise StoreError(f"write transaction failed and was rolled back: {_one_line(error)}") from None
@@ -285,6 +328,17 @@ class PostgresBackend:
 
     def write_lock_file(self, target: str) -> None:
         return None  # no file lock: a transaction stopped midway is ended by the server (IDLE_IN_TRANSACTION_MS)
+
+    def identity(self, target: str) -> None:
+        return None  # no file to be deleted or replaced under us: the server keeps the database
+
+    def check_identity(self, target: str, opened) -> None:
+        pass
+
+    now_sql = "unix_now()"  # v004: the server's wall clock at the statement, in seconds
+
+    def reclaim_pages(self, conn, pages: int) -> int:
+        return 0  # autovacuum's job on the server
 
 
 READ_ONLY_LOCK_TIMEOUT_MS = 2_000

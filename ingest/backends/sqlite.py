@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ..errors import StoreError
-from ..store import BEGIN_ATTEMPTS, connect, database_file, migrate, open_db, retry_busy, schema_version, transaction
+from ..store import BEGIN_ATTEMPTS, FileIdentity, check_same_file, connect, database_file, migrate, open_db, retry_busy, schema_version, transaction
 
 READ_ONLY_BUSY_TIMEOUT_S = 2.0
 AUTO_VACUUM = {0: "none", 1: "full", 2: "incremental"}
@@ -149,6 +149,20 @@ class SQLiteBackend:
     def write_lock_file(self, target) -> Path:
         """The file whose POSIX locks show who holds the write lock (ingest.watch): the -shm."""
         return Path(f"{target}-shm")
+
+    def identity(self, target) -> "FileIdentity | None":
+        return FileIdentity.of(target)
+
+    def check_identity(self, target, opened: "FileIdentity") -> None:
+        check_same_file(target, opened)
+
+    now_sql = "(julianday('now') - 2440587.5) * 86400.0"  # the database's wall clock, in seconds
+
+    def reclaim_pages(self, conn, pages: int) -> int:
+        """Free pages back to the disk after a prune (PRAGMA incremental_vacuum)."""
+        from ..retention import incremental_vacuum
+
+        return incremental_vacuum(conn, pages)
 
 
 def _size(path: str) -> int:

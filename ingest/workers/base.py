@@ -36,8 +36,8 @@ from ..keepa import MalformedResponse, PaymentRequired, TransientError, check_qu
 from ..leases import Lease, LeaseLost, LeaseTiming
 from ..metered import Stopped, keepa_settings, open_keepa
 from ..settings import setting, worker_settings
-from ..backends import is_url
-from ..store import DatabaseReplaced, FileIdentity, check_same_file, open_db, transaction
+from ..backends import Store, open_store, transaction
+from ..store import DatabaseReplaced, FileIdentity
 
 log = logging.getLogger("ingest.worker")
 
@@ -177,17 +177,16 @@ class Worker:
                     log.warning("lease release failed: %s", e)
 
     def _hold_lease_and_work(self) -> int:
-        if is_url(self.db_path):  # until workers/base.py is ported (docs/postgres.md)
-            raise ConfigError("the workers do not run on PostgreSQL yet (docs/postgres.md): use an SQLite file")
-        self.conn = open_db(self.db_path)
-        self._opened = FileIdentity.of(self.db_path)
+        self.store: Store = open_store(self.db_path)
+        self.conn = self.store.open()
+        self._opened = self.store.identity()
         self.setup()
         if self._keepa is None:
             keepa = keepa_settings(self.config)  # a missing key fails here, before the lease is taken
             check_query_domain(self.query, keepa.domain)  # one marketplace per query: exit 3 at start
             self.domain = keepa.domain
-            claim(self.conn, source_of(keepa), self.db_path, self.clock.wall())  # one database, one source
-        self.lease = Lease(self.db_path, self.name, self.lease_timing, clock=self.clock)
+            claim(self.conn, source_of(keepa), self.store.label, self.clock.wall())  # one database, one source
+        self.lease = Lease(self.store, self.name, self.lease_timing, clock=self.clock)
         self._note_waiting_for_lease()
         log.info("waiting for lease %r", self.name)
         if not self._acquire():
@@ -198,7 +197,7 @@ class Worker:
         log.info("holding lease %r with fence %d", self.name, self.lease.fence)
         self._set_state("working", pid=os.getpid(), fence=self.lease.fence, started_at=self.clock.wall())
         if self._keepa is None:
-            self._keepa = open_keepa(self.db_path, self.config, worker=self.name, stop=self.stop)
+            self._keepa = open_keepa(self.store, self.config, worker=self.name, stop=self.stop)
         return self._loop()
 
     def _acquire(self) -> bool:
@@ -277,7 +276,7 @@ class Worker:
         if self._opened is None:
             return
         try:
-            check_same_file(self.db_path, self._opened)
+            self.store.check_identity(self._opened)
         except DatabaseReplaced as e:
             self._replaced = e
             raise
