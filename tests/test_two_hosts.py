@@ -156,3 +156,45 @@ def test_cut_off_holder_is_taken_over_and_fenced_out_when_the_link_heals(partiti
     a.signal(signal.SIGTERM)
     a.expect("RELEASED")
     assert a.wait(10) == 0
+
+
+def test_a_backfill_worker_on_another_host_is_taken_over_and_the_pass_finishes_once(namespaced_pg_url, tmp_path):
+    """The real backfill worker on both hosts: B's holder is killed mid-pass; A's worker, waiting
+    for the lease, takes it over after the TTL (`taken_over_expired`: B's pid means nothing on
+    A) and finishes the pass with every listed ASIN stored and decided exactly once."""
+    from ingest.simulator import SimConfig, Simulator
+
+    from .workers_support import INGEST, query as rows, scalar, start_worker, stop, wait_for, worker_env, write_config
+
+    db = namespaced_pg_url
+    simulator = Simulator(SimConfig(port=0, refill_rate=6000, seed=7, products=1200, fault_slow=1.0, slow_s=1.5))  # every call 1.5 s: B is killed mid-pass
+    simulator.start()
+    env = worker_env(simulator.url, db, write_config(tmp_path))
+    settings = [f"{k}={env[k]}" for k in ("KEEPA_BASE_URL", "KEEPA_API_KEY", "INGEST_DB", "INGEST_CONFIG")]
+    log_b = tmp_path / "backfill-b.log"
+    # host B: the worker as pid 1 of its namespace, its output to a file (nothing reads a pipe)
+    b = Host(["sh", "-c", f'exec "$@" >>{log_b} 2>&1', "backfill", "env", *settings, INGEST, "run", "backfill", "--once"],
+             hostname="host-b")
+    a = None
+    try:
+        wait_for(lambda: (scalar(db, "SELECT count(*) FROM deals") or 0) > 0, 60, 0.1, "host B's first deals")
+        assert scalar(db, "SELECT holder_host FROM leases WHERE name = 'backfill'") == "host-b"
+        a = start_worker("backfill", env, "--once", log=tmp_path / "backfill-a.log")  # host A: this one
+        time.sleep(1.0)  # A is waiting for the lease, and sees B renewing
+        b.signal(signal.SIGKILL)
+        assert b.wait(10) != 0
+        assert a.wait(120) == 0, (tmp_path / "backfill-a.log").read_text()[-3000:]
+    finally:
+        b.stop()
+        if a is not None:
+            stop(a, signal.SIGKILL)
+        listed = set(simulator.stats()["listed_asins"])
+        simulator.stop()
+    taken = rows(db, "SELECT event, fence, holder FROM lease_events WHERE name = 'backfill' ORDER BY id")
+    assert ("taken_over_expired", 2) in [t[:2] for t in taken], taken
+    assert not [t for t in taken if t[0] == "taken_over_dead"], taken  # never judged by a pid across hosts
+    stored = [asin for (asin,) in rows(db, "SELECT asin FROM deals")]
+    assert len(stored) == len(set(stored)) and set(stored) == listed
+    assert rows(db, "SELECT asin, count(*) FROM decisions GROUP BY asin HAVING count(*) > 1") == []
+    fences = [f for (f,) in rows(db, "SELECT fence FROM fenced_commits WHERE lease = 'backfill' ORDER BY id")]
+    assert fences[0] == 1 and fences[-1] == 2 and fences == sorted(fences)  # B's epoch, then A's
