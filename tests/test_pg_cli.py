@@ -244,3 +244,10 @@ def test_the_watchdog_kills_a_child_whose_heartbeat_is_older_than_the_ttl_on_pos
     finally:
         child.kill()
         child.wait(timeout=10)
+
+
+def test_ingest_db_names_the_postgresql_database_as_well(stores):
+    done = subprocess.run([INGEST, "db", "migrate"], capture_output=True, text=True, timeout=60,
+                          env={**_env(), "INGEST_DB": stores["postgresql"]})
+    assert done.returncode == 0 and done.stdout.startswith("PostgreSQL database 'ingest_test_")
+    assert PASSWORD not in done.stdout + done.stderr
