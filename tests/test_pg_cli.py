@@ -207,3 +207,47 @@ def test_an_unreachable_server_is_one_line_exit_4_without_the_password(tmp_path,
     done = ingest(url, *args)
     assert done.returncode == EXIT_DATABASE
     assert done.stderr.count("\n") == 1 and "PostgreSQL database 'nowhere'" in done.stderr and not done.stdout
+
+
+# ------------------------------------------------------------------ the watchdog's stale-heartbeat kill
+
+
+HOLDER = """
+import sys, time
+from ingest.leases import Lease, LeaseTiming
+lease = Lease(sys.argv[1], "upsert", LeaseTiming(ttl_s=1.0, renew_s=0.4, retry_s=0.1))
+assert lease.try_acquire()
+print("ACQUIRED", flush=True)
+time.sleep(120)  # never renews: hung, as far as the watchdog can tell
+"""
+
+
+def test_the_watchdog_kills_a_child_whose_heartbeat_is_older_than_the_ttl_on_postgresql(pg_url):
+    import sys
+
+    from ingest.watch import Watcher
+
+    class NoOutbox:
+        def put(self, *args):
+            pass
+
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, pg_url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ACQUIRED"
+        time.sleep(1.5)  # past the TTL without a renewal
+        killed = []
+        watcher = Watcher(pg_url, {}, NoOutbox(), kill=lambda pid, conf: killed.append(pid))
+        programs = {"upsert": {"pid": child.pid, "state": "RUNNING"}}
+        actions = watcher._act(watcher.conn(), programs, time.time())
+        assert [(a.action, a.pid) for a in actions] == [("kill_hung", child.pid)] and killed == [child.pid]
+        assert watcher.lock is None  # no file lock to look at on PostgreSQL
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+
+
+def test_ingest_db_names_the_postgresql_database_as_well(stores):
+    done = subprocess.run([INGEST, "db", "migrate"], capture_output=True, text=True, timeout=60,
+                          env={**_env(), "INGEST_DB": stores["postgresql"]})
+    assert done.returncode == 0 and done.stdout.startswith("PostgreSQL database 'ingest_test_")
+    assert PASSWORD not in done.stdout + done.stderr
