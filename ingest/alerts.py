@@ -29,7 +29,7 @@ import requests
 from .errors import ConfigError
 from .logs import redact
 from .settings import setting
-from .backends import transaction
+from .backends import backend_of, transaction
 from .verdicts import HealthReport, ago
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def advance(state: AlertState, verdict: str, now: float, settings: AlertSettings
 def state_from_history(conn) -> AlertState:
     """Where the state machine starts: the last announced verdict in alert_messages (none yet
     in a file no v012 ingest has migrated)."""
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'alert_messages'").fetchone() is None:
+    if "alert_messages" not in backend_of(conn).tables(conn):
         return AlertState()
     row = conn.execute(f"SELECT verdict, at FROM alert_messages WHERE kind IN ({', '.join('?' * len(ANNOUNCED))})"
                        " ORDER BY id DESC LIMIT 1", ANNOUNCED).fetchone()
@@ -455,8 +455,6 @@ class Outbox:
             self._with_db(lambda conn: write_records(conn, *item))
 
     def _with_db(self, write):
-        import sqlite3
-
         from .errors import IngestError
 
         for attempt in range(self.RECORD_TRIES):
@@ -464,7 +462,10 @@ class Outbox:
                 if self._conn is None:
                     self._conn = self._connect()
                 return write(self._conn)
-            except (sqlite3.Error, IngestError) as e:
+            except Exception as e:  # a database error of either store, or one of ours
+                ours = isinstance(e, IngestError)
+                if not ours and (self._conn is None or not isinstance(e, backend_of(self._conn).errors)):
+                    raise
                 if attempt == self.RECORD_TRIES - 1 or self.stop.is_set():
                     log.error("could not record an alert: %s", e)
                     return None

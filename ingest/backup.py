@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .backends import is_url
+from .backends import backend_of, is_url
 from .errors import ConfigError, IngestError, StoreError
 from .lease_rules import LeaseState
 from .lease_table import lease_rows
@@ -206,7 +206,7 @@ def _snapshot(source: sqlite3.Connection, final: Path, expected_version: int | N
 
 def last_backup(conn: sqlite3.Connection, *, ok_only: bool = False) -> LastBackup | None:
     """The newest row of `backups` (the newest good one with ok_only); None without any."""
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'backups'").fetchone() is None:
+    if "backups" not in backend_of(conn).tables(conn):
         return None
     row = conn.execute("SELECT at, path, bytes, ok FROM backups" + (" WHERE ok = 1" if ok_only else "")
                        + " ORDER BY id DESC LIMIT 1").fetchone()

@@ -8,10 +8,10 @@ themselves are in ingest/health.py (what `ingest status` runs) and ingest/diagno
 """
 
 import json
-import sqlite3
 from dataclasses import asdict, dataclass, field
 from typing import Literal, get_args
 
+from .backends import backend_of
 from .clock import SYSTEM_CLOCK
 from .errors import EXIT_BY_VERDICT
 from .lease_table import lease_rows
@@ -66,7 +66,7 @@ def combine(checks: list[Check]) -> HealthReport:
 class Context:
     """What every check reads: the connection, the time, and the thresholds."""
 
-    conn: sqlite3.Connection
+    conn: object  # a connection of either store (ingest.backends)
     now: float
     stall_s: float
     supervisor: dict | None
@@ -122,7 +122,7 @@ def run_checks(ctx: Context, checks) -> list[Check]:
     for check in checks:
         try:
             out.append(check(ctx))
-        except sqlite3.Error as e:
+        except backend_of(ctx.conn).errors as e:
             out.append(Check(check.__name__.removeprefix("check_"), "fail", f"database error: {e}",
                              "ingest diagnose stall (integrity); check the database file"))
     return out

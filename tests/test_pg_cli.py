@@ -16,7 +16,6 @@ from .conftest import INGEST
 
 PASSWORD = "s3cret-pw-91c4"
 NOW = time.time()
-BLOCKED = "blocked by a module another helper ports: "
 
 
 def with_password(url: str) -> str:
@@ -146,7 +145,6 @@ def test_metrics_parse_and_have_the_same_series(stores):
     assert names["postgresql"] == names["sqlite"] and "ingest_deals" in names["sqlite"]
 
 
-@pytest.mark.xfail(reason=BLOCKED + "backup.last_backup reads sqlite_master: the scrape reads as down")
 def test_metrics_samples_are_the_same(stores):
     texts = metrics_text(stores)
     deals = {store: [line for line in text.splitlines() if line.startswith(("ingest_deals{", "ingest_lease_fence"))]
@@ -154,18 +152,10 @@ def test_metrics_samples_are_the_same(stores):
     assert deals["postgresql"] == deals["sqlite"] != []
 
 
-# Commands whose PostgreSQL run reaches a module another helper ports (docs/postgres.md lists
-# them): they answer here once those read their tables through the store boundary.
-BLOCKED_COMMANDS = [
-    pytest.param(("status", "--json"), marks=pytest.mark.xfail(reason=BLOCKED + "backup.last_backup reads sqlite_master")),
-    pytest.param(("diagnose", "stall", "--json"),
-                 marks=pytest.mark.xfail(reason=BLOCKED + "backup.last_backup reads sqlite_master")),
-    pytest.param(("tokens", "--json"), marks=pytest.mark.xfail(reason=BLOCKED + "calllog.spend_by_worker sums a boolean")),
-    pytest.param(("watch", "--once"), marks=pytest.mark.xfail(reason=BLOCKED + "alerts.state_from_history reads sqlite_master")),
-]
+SUMMARY_COMMANDS = [("status", "--json"), ("diagnose", "stall", "--json"), ("tokens", "--json"), ("watch", "--once")]
 
 
-@pytest.mark.parametrize("args", BLOCKED_COMMANDS)
+@pytest.mark.parametrize("args", SUMMARY_COMMANDS, ids=" ".join)
 def test_status_diagnose_tokens_and_watch_answer_the_same(stores, args):
     out = both(stores, *args, "--supervisor-conf", "/nonexistent/supervisord.conf") if args[0] in (
         "status", "diagnose", "watch") else both(stores, *args)
