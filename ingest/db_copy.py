@@ -212,13 +212,13 @@ def _copy(src, dst, pg, source: str, label: str, started: float, progress, clock
         dst.execute(f"LOCK TABLE {', '.join(chr(34) + t + chr(34) for t in order)} IN EXCLUSIVE MODE")
         _refuse_if_not_empty(dst, order, label)
         for table in order:
-            seconds = _copy_table(src, dst, pg, table, source_tables[table], counts[table], progress)
-            if table in identities:
-                pg.advance_identity(dst, table, identities[table])
-            copied.append((table, seconds))
+            copied.append((table, _copy_table(src, dst, pg, table, source_tables[table], counts[table], progress)))
         result = [TableCopy(t, counts[t], _count(dst, t), s) for t, s in copied]
         wrong = [f"{t.name} {t.source_rows} in the source, {t.target_rows} copied" for t in result
                  if t.source_rows != t.target_rows]
         if wrong:
             raise StoreError(f"copy into {label} rolled back: counts differ: {'; '.join(wrong)}")
+        # last: setval is not undone by a rollback, so nothing that can fail comes after it
+        for table, column in identities.items():
+            pg.advance_identity(dst, table, column)
     return CopyResult(source, label, schema_version(src), clock() - started, result, dead)
