@@ -433,3 +433,60 @@ def migrate(conn: PgConnection) -> list[int]:
             raise StoreError(f"migration v{version:03d} ({name}) failed: {_one_line(e)}") from None
         applied.append(version)
     return applied
+
+
+# ---------------------------------------------------------------- bulk copy (ingest db copy)
+
+
+def table_columns(conn: PgConnection) -> dict[str, list[str]]:
+    """Every table of the current schema with its columns in order (views are not tables)."""
+    rows = conn.execute(
+        "SELECT c.table_name, c.column_name FROM information_schema.columns c"
+        " JOIN information_schema.tables t ON t.table_schema = c.table_schema AND t.table_name = c.table_name"
+        " WHERE c.table_schema = current_schema() AND t.table_type = 'BASE TABLE'"
+        " ORDER BY c.table_name, c.ordinal_position").fetchall()
+    out: dict[str, list[str]] = {}
+    for table, column in rows:
+        out.setdefault(table, []).append(column)
+    return out
+
+
+def identity_columns(conn: PgConnection) -> dict[str, str]:
+    """table -> its identity column (GENERATED ... AS IDENTITY), in the current schema."""
+    rows = conn.execute("SELECT table_name, column_name FROM information_schema.columns"
+                        " WHERE table_schema = current_schema() AND is_identity = 'YES'").fetchall()
+    return {table: column for table, column in rows}
+
+
+def _ident(name: str) -> str:
+    """A quoted identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def copy_rows(conn: PgConnection, table: str, columns: list[str], rows, progress=None) -> int:
+    """COPY `rows` (tuples in the order of `columns`) into `table`, inside the caller's
+    transaction. Identity columns take the values given (COPY writes them as INSERT ...
+    OVERRIDING SYSTEM VALUE would); row triggers fire. `progress(n)` is called every 5,000 rows.
+    A row the server refuses is a one-line StoreError naming the table (the caller's
+    transaction then rolls back)."""
+    statement = f"COPY {_ident(table)} ({', '.join(_ident(c) for c in columns)}) FROM STDIN"
+    n = 0
+    try:
+        with conn.raw.cursor().copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
+                n += 1
+                if progress is not None and n % 5000 == 0:
+                    progress(n)
+    except psycopg.Error as e:
+        raise StoreError(f"copying {table} failed: {_one_line(e)}") from None
+    return n
+
+
+def advance_identity(conn: PgConnection, table: str, column: str) -> int | None:
+    """Set the identity sequence of `table`.`column` past the largest value present, so the next
+    insert takes max + 1 (the ids were copied as they were). Returns that max (None: no rows)."""
+    largest = conn.execute(f"SELECT max({_ident(column)}) FROM {_ident(table)}").fetchone()[0]
+    if largest is not None:
+        conn.execute("SELECT setval(pg_get_serial_sequence(?, ?), ?)", (_ident(table), column, largest))
+    return largest

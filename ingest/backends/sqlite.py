@@ -173,3 +173,19 @@ def _size(path: str) -> int:
 
 
 SQLITE = SQLiteBackend()
+
+
+# ---------------------------------------------------------------- the catalogue (ingest db copy)
+
+
+def table_columns(conn: sqlite3.Connection) -> dict[str, list[str]]:
+    """Every table of the file (not SQLite's own) with its columns in order, in the order the
+    schema created them."""
+    names = [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY rowid")]
+    return {name: [c[1] for c in conn.execute("SELECT * FROM pragma_table_info(?)", (name,))] for name in names}
+
+
+def references(conn: sqlite3.Connection, table: str) -> set[str]:
+    """The tables `table`'s foreign keys name."""
+    return {r[0] for r in conn.execute('SELECT "table" FROM pragma_foreign_key_list(?)', (table,))}

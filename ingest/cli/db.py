@@ -174,4 +174,7 @@ def source_command(app, adopt, as_json):
         click.echo(f"{app.db_path} holds deals from {db_source.describe(now.source)}")
 
 
+from .db_copy import copy_command  # noqa: E402  (ingest db copy: its own module)
+db_group.add_command(copy_command)
+
 commands = [db_group]
