@@ -25,7 +25,8 @@ from pathlib import Path
 from diagnostics import build
 
 from ingest.health import assess_health
-from ingest.metrics import IngestCollector, connect_read_only, exposition, read_snapshot
+from ingest.backends import open_store
+from ingest.metrics import IngestCollector, exposition, read_snapshot
 from ingest.store import open_db
 
 NO_SUPERVISOR = "/nonexistent/supervisord.conf"   # probe fails at once: time the database, not the RPC
@@ -116,7 +117,7 @@ def main() -> None:
         timed("health.assess_health (ingest status checks)", lambda: assess_health(conn, now=now, supervisor=None), n)
         conn.close()
         print("scrape")
-        ro = connect_read_only(path)
+        ro = open_store(path).read_only()
         timed("read_snapshot (every figure, one read transaction)",
               lambda: read_snapshot(ro, path, time.time(), supervisor=None), n)
         timed("  of which deals GROUP BY status (deals_status index)",

@@ -2,6 +2,7 @@
 
 import random
 import signal
+import sqlite3
 import time
 
 import pytest
@@ -93,7 +94,11 @@ def test_both_workers_share_tokens_without_429(tmp_path, db_path):
         env = worker_env(simulator.url, db_path, write_config(tmp_path))
         backfill = start_worker("backfill", env)
         upsert = start_worker("upsert", env)
-        time.sleep(12)
+        started = time.monotonic()
+        # Whichever starts first may spend the opening balance alone; the other is then served at
+        # the next refill tick (the simulator, like Keepa, refills once a minute): wait past one.
+        wait_for(lambda: _both_spent(db_path), 90, interval=0.5, what="both workers to spend tokens")
+        time.sleep(max(0.0, 8 - (time.monotonic() - started)))  # and share for a while
         assert stop(backfill) == 0 and stop(upsert) == 0
         stats = simulator.stats()
     finally:
@@ -106,6 +111,14 @@ def test_both_workers_share_tokens_without_429(tmp_path, db_path):
     from ingest.store import open_db
     shown = {p["worker"]: p["tokens_spent"] for p in progress_rows(open_db(db_path))}
     assert shown == spent
+
+
+def _both_spent(db_path) -> bool:
+    try:
+        spent = dict(query(db_path, "SELECT worker, sum(actual) FROM keepa_calls GROUP BY worker"))
+    except sqlite3.Error:  # not created yet
+        return False
+    return (spent.get("backfill") or 0) > 0 and (spent.get("upsert") or 0) > 0
 
 
 def test_incomplete_product_is_retried_and_then_accepted_or_rejected(sim, env, db_path):
