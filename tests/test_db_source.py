@@ -88,7 +88,8 @@ def test_the_demo_programs_differ_from_the_production_ones_in_their_database_onl
             section = next(s for s in parser.sections() if s in (f"program:{worker}", f"eventlistener:{worker}"))
             ini[where] = dict(parser.items(section))
         prod, demo = ini["programs"], ini["demo"]
-        assert "var/ingest.db" in prod["environment"] and "var/demo.db" in demo["environment"]
+        # production: supervisord's INGEST_DB (scripts/start: var/ingest.db unless set); the demo: its own file
+        assert "%(ENV_INGEST_DB)s" in prod["environment"] and "var/demo.db" in demo["environment"]
         assert {**demo, "environment": prod["environment"]} == prod
     demo_conf = configparser.RawConfigParser()
     demo_conf.read(ROOT / "supervisor.d" / "demo.conf")
