@@ -16,13 +16,13 @@ import os
 import random
 import shutil
 import signal
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.chaos_observe import LeaseSampler, holds_write_lock
 from bench.chaos_sim import SimProcess, wait_for
+from ingest.backends import Store
 from tests.hostile_server import KeyTrap
 from tests.supervised import SupervisedProject
 
@@ -55,6 +55,7 @@ class ChaosSettings:
     settle_timeout_s: float = 300.0
     standby: bool = True             # a second copy of each worker, waiting for the lease
     sample_s: float = 0.25
+    db: str | None = None            # a postgresql:// URL (given as INGEST_DB in ingest.env); None: var/ingest.db
 
     @property
     def stall_bound_s(self) -> float:
@@ -88,7 +89,7 @@ class Window:
 @dataclass
 class RunResult:
     settings: ChaosSettings
-    db_path: Path
+    store: Store                     # the database the run left behind (SQLite file or PostgreSQL)
     log_dir: Path
     events: list[Event]
     windows: list[Window]
@@ -125,7 +126,7 @@ class ChaosRun:
 
     def setup(self) -> None:
         s = self.s
-        self.project = SupervisedProject("http://127.0.0.1:1", toml=s.toml())  # URL set below
+        self.project = SupervisedProject("http://127.0.0.1:1", toml=s.toml(), db=s.db)  # Keepa URL set below
         root = self.project.root
         (root / "var" / "log").mkdir(parents=True, exist_ok=True)
         self.trap = KeyTrap().__enter__()
@@ -138,7 +139,7 @@ class ChaosRun:
             self.project.env["PYTHONPATH"] = os.environ["CHAOS_PYTHONPATH"]
         if s.standby:
             self._add_standby_programs()
-        self.sampler = LeaseSampler(self.project.db_path, s.sample_s, self.sim)
+        self.sampler = LeaseSampler(self.project.store, s.sample_s, self.sim)
 
     def _add_standby_programs(self) -> None:
         """A second copy of each worker, from the shipped program file with the names changed:
@@ -212,7 +213,7 @@ class ChaosRun:
         self.sampler.stop_event.set()
         self.sampler.join(5)
         stats = self.sim.stats()
-        return RunResult(s, self.project.db_path, self.project.root / "var" / "log", self.events, self.windows,
+        return RunResult(s, self.project.store, self.project.root / "var" / "log", self.events, self.windows,
                          self.sampler.unowned, self.sampler.min_balance, stats, s.start_tokens, settle_at,
                          settled_at, state, status, programs, self.sampler.max_balance, self.sampler.cap,
                          len(self.trap.queries))
@@ -252,8 +253,8 @@ class ChaosRun:
 
     def _lease(self, name: str) -> dict | None:
         try:
-            return self.project.lease(name) if self.project.db_path.exists() else None
-        except sqlite3.Error:
+            return self.project.lease(name) if self.project.db_exists() else None
+        except self.project.db_errors:
             return None
 
     def do_kill9(self) -> None:
@@ -284,7 +285,7 @@ class ChaosRun:
         self._paused = pid
         os.kill(pid, signal.SIGSTOP)
         time.sleep(0.05)
-        locked = holds_write_lock(self.project.db_path, pid)
+        locked = holds_write_lock(self.project.store, pid)
         self.note(Event(at, "sigstop", name, pid, fence, f"for {pause:.1f}s" + (" holding the write lock" if locked else ""),
                         ref_at=at))
         time.sleep(pause)
@@ -301,8 +302,7 @@ class ChaosRun:
         name = self.rng.choice(LEASES)
         row = self._lease(name)
         at = time.time()
-        done = self.project.run(str(self.project.root / ".venv/bin/ingest"), "leases", "release", name, "--force",
-                                check=False, timeout=30)
+        done = self.project.ingest("leases", "release", name, "--force", timeout=30)
         self.note(Event(at, "force_release", name, row["holder_pid"] if row else None, row["fence"] if row else None,
                         f"exit {done.returncode}: {done.stdout.strip() or done.stderr.strip()}", ref_at=time.time()))
 
@@ -349,7 +349,7 @@ class ChaosRun:
                 cps = {r[0]: json.loads(r[1]) for r in conn.execute("SELECT name, value FROM checkpoints")}
                 polled = conn.execute("SELECT max(at) FROM fenced_commits WHERE lease = 'upsert' AND what = 'upsert poll'"
                                       ).fetchone()[0]
-            except sqlite3.Error:
+            except self.project.db_errors:
                 return None
             backfill, upsert = cps.get("backfill") or {}, cps.get("upsert") or {}
             state.update(backfill_complete_pass_started=backfill.get("last_complete_pass_started_at"),
@@ -364,7 +364,7 @@ class ChaosRun:
         return settled_at, state
 
     def _status_json(self) -> dict | None:
-        done = self.project.run(str(self.project.root / ".venv/bin/ingest"), "status", "--json", check=False, timeout=60)
+        done = self.project.ingest("status", "--json", timeout=60)
         try:
             return json.loads(done.stdout)
         except ValueError:

@@ -1,13 +1,14 @@
-"""What the chaos run watches while it runs: lease ownership sampled from the database, the
-simulator's balance, and whether a paused process holds SQLite's write lock (/proc/locks)."""
+"""What the chaos run watches while it runs: lease ownership sampled from the database (SQLite or
+PostgreSQL), the simulator's balance, and whether a paused process holds SQLite's write lock
+(/proc/locks; PostgreSQL has no such lock: a row lock is the server's, ended with the session)."""
 
-import sqlite3
 import threading
 import time
-from pathlib import Path
 
 from bench.chaos_sim import SimProcess
-from ingest.watch import shm_lock_holder
+from ingest.backends import Store
+from ingest.errors import StoreError
+from ingest.watch import lock_file_holder
 
 LEASES = ("backfill", "upsert")
 
@@ -16,9 +17,9 @@ class LeaseSampler(threading.Thread):
     """Every sample_s: is each lease held by a holder whose heartbeat is younger than the TTL?
     Intervals where it is not are kept (judged later against the excused windows)."""
 
-    def __init__(self, db_path: Path, sample_s: float, sim: SimProcess):
+    def __init__(self, store: Store, sample_s: float, sim: SimProcess):
         super().__init__(daemon=True, name="lease-sampler")
-        self.db_path, self.sample_s, self.sim = db_path, sample_s, sim
+        self.store, self.sample_s, self.sim = store, sample_s, sim
         self.stop_event = threading.Event()
         self.unowned: dict[str, list[tuple[float, float]]] = {name: [] for name in LEASES}
         self._open: dict[str, float] = {}
@@ -32,12 +33,15 @@ class LeaseSampler(threading.Thread):
         while not self.stop_event.wait(self.sample_s):
             try:
                 if conn is None:
-                    if not self.db_path.exists():
+                    if not self.store.backend.exists(self.store.target):
                         continue
-                    conn = sqlite3.connect(str(self.db_path), timeout=1)
+                    conn = self.store.connect(busy_timeout_ms=1000)
                 rows = {r[0]: r for r in conn.execute("SELECT name, holder_nonce, renewed_mono, ttl_s FROM leases")}
-            except sqlite3.Error:
-                continue  # locked or not migrated yet: try again at the next sample
+            except self.store.backend.errors + (StoreError,):
+                if conn is not None and getattr(conn, "lost", False):
+                    conn.close()
+                    conn = None
+                continue  # locked, not migrated yet or the server away: try again at the next sample
             now_mono, now = time.monotonic(), time.time()
             for name in LEASES:
                 row = rows.get(name)
@@ -62,7 +66,8 @@ class LeaseSampler(threading.Thread):
             conn.close()
 
 
-def holds_write_lock(db_path: Path, pid: int) -> bool:
+def holds_write_lock(store: Store, pid: int) -> bool:
     """Does `pid` hold SQLite's WAL write lock (byte 120 of the -shm file, /proc/locks)? The
-    watchdog's own reading of /proc/locks (ingest.watch.shm_lock_holder)."""
-    return shm_lock_holder(db_path) == pid
+    watchdog's own reading of /proc/locks (ingest.watch.lock_file_holder). Never on PostgreSQL."""
+    lock_file = store.backend.write_lock_file(store.target)
+    return lock_file is not None and lock_file_holder(lock_file) == pid

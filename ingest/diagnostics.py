@@ -90,8 +90,7 @@ def check_integrity(conn, env: Environment) -> Check:
     if rows == ["ok"]:
         return Check("integrity", "ok", f"{result.label}: ok", "", data)
     return Check("integrity", "fail", f"{result.label}: {rows[0]}" + (f" (+{len(rows) - 1} more)" if len(rows) > 1 else ""),
-                 "stop the workers (scripts/stop), copy the files aside, then recover:"
-                 " sqlite3 DB .recover | sqlite3 NEW.db; see docs/diagnostics.md", data)
+                 result.remedy, data)
 
 
 def check_token_trend(ctx: Context) -> Check:

@@ -2,21 +2,21 @@
 
 The copy holds the real supervisor.d/ and scripts/ (so the tests exercise the shipped files), a
 .venv/bin of links to the test's own interpreter and tools, an ingest.toml with short lease
-timings, and its own var/. It lives in a short /tmp folder: unix socket paths are limited to
+timings, and its own var/. Its database is var/ingest.db, or with `db=` a PostgreSQL URL, given
+to supervisord the way an operator does: INGEST_DB in ./ingest.env. It lives in a short /tmp folder: unix socket paths are limited to
 ~100 characters. `close()` shuts supervisord down and kills anything left, even after a failure.
 """
 
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ingest.store import connect
+from ingest.backends import open_store
 from ingest.supervisor import supervisor_states
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def _cmdline(pid: int) -> str:
 
 
 class SupervisedProject:
-    def __init__(self, keepa_url: str, *, toml: str = TEST_TOML):
+    def __init__(self, keepa_url: str, *, toml: str = TEST_TOML, db: str | None = None):
         self.root = Path(tempfile.mkdtemp(prefix="ie2e-", dir="/tmp"))
         shutil.copytree(ROOT / "supervisor.d", self.root / "supervisor.d")
         shutil.copytree(ROOT / "scripts", self.root / "scripts")
@@ -61,6 +61,11 @@ class SupervisedProject:
         (self.root / ".venv" / ".ingest-run-installed").touch()  # scripts/demo: installed already
         (self.root / "ingest.toml").write_text(toml)
         self.db_path = self.root / "var" / "ingest.db"
+        self.store = open_store(db or self.db_path)  # what the programs use
+        if db:
+            env_file = self.root / "ingest.env"
+            env_file.write_text(f"INGEST_DB={db}\n")
+            env_file.chmod(0o600)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("INGEST_", "KEEPA_"))}
         self.env.update(KEEPA_BASE_URL=keepa_url, KEEPA_API_KEY="e2e-key")
         self.seen_pids: set[int] = set()
@@ -76,6 +81,15 @@ class SupervisedProject:
 
     def script(self, name: str, *args, **kwargs) -> subprocess.CompletedProcess:
         return self.run(str(self.root / "scripts" / name), *args, **kwargs)
+
+    def ingest(self, *args, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess:
+        """An admin command on the programs' database (as an operator runs one with INGEST_DB)."""
+        env = {**self.env, "INGEST_DB": str(self.store.target)}
+        done = subprocess.run([str(self.root / ".venv/bin/ingest"), *args], cwd=self.root, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        if check and done.returncode != 0:
+            raise AssertionError(f"ingest {' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
+        return done
 
     def ctl(self, *args, **kwargs) -> subprocess.CompletedProcess:
         return self.run(str(self.root / ".venv/bin/supervisorctl"), "-c", CONF, *args, **kwargs)
@@ -99,9 +113,21 @@ class SupervisedProject:
 
     # ------------------------------------------------------------ the database
 
+    @property
+    def db_errors(self) -> tuple:
+        return self.store.backend.errors
+
+    def db_exists(self) -> bool:
+        return self.store.backend.exists(self.store.target)
+
     def db(self):
+        """A connection to the programs' database (autocommit on both stores), opened once and
+        opened again if it was lost (a PostgreSQL server restart)."""
+        if self._conn is not None and getattr(self._conn, "lost", False):
+            self._conn.close()
+            self._conn = None
         if self._conn is None:
-            self._conn = connect(self.db_path)
+            self._conn = self.store.connect()
         return self._conn
 
     def query(self, sql: str, *args) -> list:
@@ -110,8 +136,8 @@ class SupervisedProject:
     def lease(self, name: str) -> dict | None:
         try:
             rows = self.query("SELECT * FROM leases WHERE name = ?", name)
-        except sqlite3.OperationalError as e:  # the file exists, its first migration is not done yet
-            if "no such table" not in str(e):
+        except self.db_errors as e:  # the database exists, its first migration is not done yet
+            if "no such table" not in str(e) and "does not exist" not in str(e):
                 raise
             return None
         return dict(rows[0]) if rows else None
@@ -145,7 +171,7 @@ class SupervisedProject:
 
     def wait_held_by(self, name: str, pid: int, timeout: float = 15.0) -> dict:
         def held():
-            row = self.lease(name) if self.db_path.exists() else None
+            row = self.lease(name) if self.db_exists() else None
             return row if row and row["holder_pid"] == pid else None
         return self.wait(held, timeout, f"lease {name} held by pid {pid} (now {self.lease(name)})", 0.05)
 

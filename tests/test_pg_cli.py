@@ -241,3 +241,20 @@ def test_ingest_db_names_the_postgresql_database_as_well(stores):
                           env={**_env(), "INGEST_DB": stores["postgresql"]})
     assert done.returncode == 0 and done.stdout.startswith("PostgreSQL database 'ingest_test_")
     assert PASSWORD not in done.stdout + done.stderr
+
+
+def _integrity(target: str) -> dict:
+    report = json_of(ingest(target, "diagnose", "stall", "--json", "--supervisor-conf", "/nonexistent/supervisord.conf"))
+    return next(c for c in report["checks"] if c["name"] == "integrity")
+
+
+def test_integrity_runs_amcheck_once_an_administrator_installed_it(pg_url):
+    fill(pg_url)
+    check = _integrity(pg_url)
+    assert check["verdict"] == "ok" and "amcheck extension is not installed" in check["summary"], check
+    admin = open_store(pg_url).connect()
+    admin.execute("CREATE EXTENSION amcheck")  # ingest never creates one: the administrator's
+    admin.close()
+    check = _integrity(pg_url)
+    assert check["verdict"] == "ok" and check["summary"].startswith("amcheck bt_index_check"), check
+    assert check["summary"].endswith(": ok"), check

@@ -89,6 +89,7 @@ class Integrity:
     label: str                       # how a summary names it: 'PRAGMA integrity_check'
     problems: tuple[str, ...] = ()
     skipped: str | None = None
+    remedy: str = ""                 # what an operator does about problems
 
 
 def is_url(target) -> bool:

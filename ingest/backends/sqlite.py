@@ -137,7 +137,9 @@ class SQLiteBackend:
             rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}(20)").fetchall()]
         except sqlite3.DatabaseError as e:
             rows = [str(e)]
-        return Integrity(pragma, f"PRAGMA {pragma}", () if rows == ["ok"] else tuple(rows))
+        return Integrity(pragma, f"PRAGMA {pragma}", () if rows == ["ok"] else tuple(rows),
+                         remedy="stop the workers (scripts/stop), copy the files aside, then recover:"
+                                " sqlite3 DB .recover | sqlite3 NEW.db; see docs/diagnostics.md")
 
     def database_file(self, conn) -> str:
         """The main database file of `conn` ('' for an in-memory database, or unknown)."""
