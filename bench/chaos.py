@@ -8,6 +8,11 @@ docs/chaos.md.
 
     .venv/bin/python bench/chaos.py --duration 600
     .venv/bin/python bench/chaos.py --duration 90 --seed 3 --keep /tmp/chaos-out
+    .venv/bin/python bench/chaos.py --duration 120 --postgres     # the state in PostgreSQL
+
+--postgres starts a PostgreSQL server of its own from the installed binaries (tests/pg_server.py),
+gives the programs its URL as INGEST_DB in ingest.env, and stops it at the end; --db URL uses a
+database you made (empty; the run migrates it and leaves its rows).
 """
 
 import argparse
@@ -30,17 +35,21 @@ def parse_args(argv=None):
     p.add_argument("--products", type=int, default=None, help="simulator catalogue size (default: by duration)")
     p.add_argument("--no-standby", action="store_true", help="one copy of each worker (no contender)")
     p.add_argument("--keep", metavar="DIR", help="copy the run's var/ (database, logs) here")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--postgres", action="store_true", help="the state in a PostgreSQL server the run starts")
+    where.add_argument("--db", metavar="URL", help="the state in this (empty) PostgreSQL database")
     return p.parse_args(argv)
 
 
-def settings_for(duration: float, seed: int = 1, products: int | None = None, standby: bool = True) -> ChaosSettings:
+def settings_for(duration: float, seed: int = 1, products: int | None = None, standby: bool = True,
+                 db: str | None = None) -> ChaosSettings:
     """Short runs get a smaller catalogue and a shorter 429 window, so they settle in time."""
     if products is None:
         products = 6000 if duration >= 300 else 2500
     return ChaosSettings(duration_s=duration, seed=seed, products=products, standby=standby,
                          window_429_s=20.0 if duration >= 300 else 8.0,
                          action_gap_s=(8.0, 20.0) if duration >= 300 else (5.0, 10.0),
-                         settle_timeout_s=300.0 if duration >= 300 else 90.0)
+                         settle_timeout_s=300.0 if duration >= 300 else 90.0, db=db)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -68,9 +77,40 @@ def _set_stop_handlers(handler) -> None:
         signal.signal(sig, handler)
 
 
+def start_postgres():
+    """A server of the run's own and an empty database in it, with amcheck installed (the
+    integrity check's); None and a line saying why when the server binaries are missing."""
+    from tests.pg_server import PgServer, why_unavailable
+
+    if why := why_unavailable():
+        print(f"chaos: --postgres: {why}", file=sys.stderr)
+        return None, None
+    server = PgServer.start()
+    url = server.create_database()
+    from ingest.backends import open_store
+
+    admin = open_store(url).connect()
+    admin.execute("CREATE EXTENSION amcheck")
+    admin.close()
+    return server, url
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    settings = settings_for(args.duration, args.seed, args.products, not args.no_standby)
+    server, db = None, args.db
+    if args.postgres:
+        server, db = start_postgres()
+        if server is None:
+            return 3
+    try:
+        return run_chaos(args, db)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def run_chaos(args, db: str | None) -> int:
+    settings = settings_for(args.duration, args.seed, args.products, not args.no_standby, db)
     started = time.monotonic()
     run = ChaosRun(settings, log=lambda line: print(line, flush=True))
     keep = Path(args.keep) if args.keep else None
@@ -93,14 +133,15 @@ def main(argv=None) -> int:
               + (f"; database and logs kept in {keep}" if keep else ""), flush=True)
         return 128 + interrupted.signum
     print()
-    print(f"chaos run: {settings.duration_s:.0f}s of chaos, seed {settings.seed}, {settings.products} products, "
+    store = "PostgreSQL" if settings.db else "SQLite"
+    print(f"chaos run on {store}: {settings.duration_s:.0f}s of chaos, seed {settings.seed}, {settings.products} products, "
           f"ttl {settings.ttl_s:g}s / renew {settings.renew_s:g}s / retry {settings.retry_s:g}s, "
           f"{time.monotonic() - started:.0f}s in all")
     print(format_table(rows))
     failed = [r for r in rows if r.failed]
     print(f"\n{'FAILED: ' + ', '.join(r.name for r in failed) if failed else 'all invariants held'}")
     if keep:
-        print(f"database and logs kept in {keep}")
+        print(f"{'logs' if settings.db else 'database and logs'} kept in {keep}")
     return 1 if failed else 0
 
 
