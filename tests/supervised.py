@@ -113,6 +113,14 @@ class SupervisedProject:
 
     # ------------------------------------------------------------ the database
 
+    def use_database(self, target) -> None:
+        """Read another database from now on (the demo's var/demo.db, say)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self.db_path = target
+        self.store = open_store(target)
+
     @property
     def db_errors(self) -> tuple:
         return self.store.backend.errors

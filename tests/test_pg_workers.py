@@ -13,8 +13,8 @@ import pytest
 
 from ingest.simulator import SimConfig, Simulator
 
-from .workers_support import (TEST_KEY, query, run_worker, scalar, start_worker, stop, wait_for, worker_env,
-                              write_config)
+from .workers_support import (TEST_KEY, query, run_worker, scalar, share_for_a_while, spent_by_worker, start_worker,
+                              stop, wait_for, worker_env, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -81,16 +81,16 @@ def test_both_workers_on_postgresql_share_the_ledger_without_429(tmp_path, pg_ur
         env = worker_env(simulator.url, pg_url, write_config(tmp_path))
         backfill = start_worker("backfill", env, log=tmp_path / "backfill.log")
         upsert = start_worker("upsert", env, log=tmp_path / "upsert.log")
-        time.sleep(12)  # the start balance, spent, then waiting for Keepa's next refill
+        share_for_a_while(pg_url)
         codes = stop(backfill), stop(upsert)
         stats = simulator.stats()
     finally:
         simulator.stop()
     assert codes == (0, 0), (tmp_path / "backfill.log").read_text()[-2000:] + (tmp_path / "upsert.log").read_text()[-2000:]
-    spent = dict(query(pg_url, "SELECT worker, CAST(sum(actual) AS BIGINT) FROM keepa_calls GROUP BY worker"))
+    spent = spent_by_worker(pg_url)
     assert stats["responses_429"] == 0, (stats, spent)
     assert spent.get("backfill", 0) > 0 and spent.get("upsert", 0) > 0, spent
-    assert sum(spent.values()) <= 100 + 600 * 13 / 60  # never beyond what Keepa gave
+    assert sum(spent.values()) <= 100 + stats["tokens"]["refilled"]  # never beyond what Keepa gave
     from ingest.backends import open_store
     from ingest.deals import progress_rows
     shown = {p["worker"]: p["tokens_spent"] for p in progress_rows(open_store(pg_url).connect())}

@@ -261,7 +261,7 @@ def test_demo_shows_deals_within_a_minute_and_stops_everything(project):
     assert "sim" in done.stdout and "supervisord stopped" in done.stdout
     assert not (project.root / "var" / "supervisord.pid").exists()
     # the simulator's deals went to the demo's own file (one database, one source), not var/ingest.db
-    project.db_path = project.root / "var" / "demo.db"
+    project.use_database(project.root / "var" / "demo.db")
     assert [tuple(r) for r in project.query("SELECT source FROM db_source")] == [("simulator",)]
     assert not (project.root / "var" / "ingest.db").exists()
     for worker in WORKERS:

@@ -2,7 +2,6 @@
 
 import random
 import signal
-import sqlite3
 import time
 
 import pytest
@@ -12,8 +11,8 @@ from ingest.keepa import KeepaRequestError
 from ingest.leases import LeaseLost
 from ingest.simulator import SimConfig, Simulator
 
-from .workers_support import (TEST_KEY, checkpoint, query, run_worker, scalar, start_worker, stop,
-                              wait_for, worker_env, write_config)
+from .workers_support import (TEST_KEY, checkpoint, query, run_worker, scalar, share_for_a_while,
+                              spent_by_worker, start_worker, stop, wait_for, worker_env, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -94,16 +93,12 @@ def test_both_workers_share_tokens_without_429(tmp_path, db_path):
         env = worker_env(simulator.url, db_path, write_config(tmp_path))
         backfill = start_worker("backfill", env)
         upsert = start_worker("upsert", env)
-        started = time.monotonic()
-        # Whichever starts first may spend the opening balance alone; the other is then served at
-        # the next refill tick (the simulator, like Keepa, refills once a minute): wait past one.
-        wait_for(lambda: _both_spent(db_path), 90, interval=0.5, what="both workers to spend tokens")
-        time.sleep(max(0.0, 8 - (time.monotonic() - started)))  # and share for a while
+        share_for_a_while(db_path)
         assert stop(backfill) == 0 and stop(upsert) == 0
         stats = simulator.stats()
     finally:
         simulator.stop()
-    spent = dict(query(db_path, "SELECT worker, sum(actual) FROM keepa_calls GROUP BY worker"))
+    spent = spent_by_worker(db_path)
     assert stats["responses_429"] == 0, (stats, spent)
     assert spent.get("backfill", 0) > 0 and spent.get("upsert", 0) > 0, spent
     # progress (what `ingest status` shows) reads the same call log: one count of the tokens
@@ -111,14 +106,6 @@ def test_both_workers_share_tokens_without_429(tmp_path, db_path):
     from ingest.store import open_db
     shown = {p["worker"]: p["tokens_spent"] for p in progress_rows(open_db(db_path))}
     assert shown == spent
-
-
-def _both_spent(db_path) -> bool:
-    try:
-        spent = dict(query(db_path, "SELECT worker, sum(actual) FROM keepa_calls GROUP BY worker"))
-    except sqlite3.Error:  # not created yet
-        return False
-    return (spent.get("backfill") or 0) > 0 and (spent.get("upsert") or 0) > 0
 
 
 def test_incomplete_product_is_retried_and_then_accepted_or_rejected(sim, env, db_path):

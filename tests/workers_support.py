@@ -107,6 +107,31 @@ def scalar(db_path: "Path | str", sql: str, *args):
     return rows[0][0] if rows else None
 
 
+SPENT_SQL = "SELECT worker, CAST(sum(actual) AS BIGINT) FROM keepa_calls GROUP BY worker"
+
+
+def spent_by_worker(db_path: "Path | str") -> dict[str, int]:
+    """Tokens each worker spent (the call log), {} while the database or its tables do not exist."""
+    if not is_url(db_path) and not Path(db_path).exists():
+        return {}
+    try:
+        return {worker: spent or 0 for worker, spent in query(db_path, SPENT_SQL)}
+    except Exception as e:
+        if "no such table" in str(e) or "does not exist" in str(e):
+            return {}
+        raise
+
+
+def share_for_a_while(db_path: "Path | str", at_least_s: float = 8.0) -> None:
+    """Until both workers have spent tokens, and for `at_least_s` in all. Whichever starts first
+    may spend the opening balance alone; the other is then served at the next refill tick (the
+    simulator, like Keepa, refills once a minute): wait past one."""
+    started = time.monotonic()
+    wait_for(lambda: all(spent_by_worker(db_path).get(w, 0) > 0 for w in ("backfill", "upsert")), 90,
+             interval=0.5, what="both workers to spend tokens")
+    time.sleep(max(0.0, at_least_s - (time.monotonic() - started)))
+
+
 def checkpoint(db_path: Path, name: str) -> dict | None:
     value = scalar(db_path, "SELECT value FROM checkpoints WHERE name = ?", name)
     return json.loads(value) if value else None
