@@ -77,10 +77,11 @@ def describe(source: str) -> str:
 def claim(conn: sqlite3.Connection, source: str, db_path, now: float) -> DbSource:
     """The file's source: recorded now when there is none yet; ConfigError when it is another."""
     with transaction(conn):
+        # insert-if-absent, then read: two workers starting together on PostgreSQL (READ
+        # COMMITTED, no file-wide write lock) would otherwise both see no row and both insert
+        conn.execute("INSERT INTO db_source (id, source, adopted_at) VALUES (1, ?, ?) ON CONFLICT (id) DO NOTHING",
+                     (source, now))
         row = conn.execute("SELECT source, adopted_at FROM db_source WHERE id = 1").fetchone()
-        if row is None:
-            conn.execute("INSERT INTO db_source (id, source, adopted_at) VALUES (1, ?, ?)", (source, now))
-            return DbSource(source, now)
     if row[0] != source:
         raise ConfigError(mismatch(row[0], source, db_path))
     return DbSource(row[0], row[1])

@@ -4,9 +4,11 @@ simulator) in one line, exit 3, before its lease or any Keepa call; `ingest db s
 import configparser
 import json
 import subprocess
+import threading
 
 import pytest
 
+from ingest.backends import open_store
 from ingest.db_source import SIMULATOR, claim, is_loopback, recorded, source_of
 from ingest.errors import ConfigError
 from ingest.settings import KeepaSettings
@@ -18,6 +20,32 @@ from .conftest import INGEST, ROOT
 from .workers_support import TEST_KEY, run_worker, scalar, worker_env, write_config
 
 pytestmark = pytest.mark.slow
+
+
+def test_workers_starting_together_claim_the_database_once_without_an_error(store_target):
+    """Both workers claim at start, at the same moment under supervisord: on PostgreSQL (no
+    file-wide write lock) a read-then-insert let both insert, and one died of a duplicate key."""
+    open_store(store_target).open().close()  # migrated
+    conns = [open_store(store_target).connect() for _ in range(8)]
+    start = threading.Barrier(len(conns))
+    claimed, failed = [], []
+
+    def one(conn):
+        start.wait()
+        try:
+            claimed.append(claim(conn, SIMULATOR, "db", 1000.0).source)
+        except Exception as e:  # what the test is about: any error at all
+            failed.append(repr(e))
+
+    threads = [threading.Thread(target=one, args=(c,)) for c in conns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for c in conns:
+        c.close()
+    assert failed == [] and claimed == [SIMULATOR] * len(conns)
+    assert scalar(store_target, "SELECT count(*) FROM db_source") == 1
 
 
 def test_the_simulator_is_any_loopback_address_and_keepa_is_the_keys_fingerprint():

@@ -13,8 +13,8 @@ import pytest
 
 from ingest.simulator import SimConfig, Simulator
 
-from .workers_support import (TEST_KEY, query, run_worker, scalar, share_for_a_while, spent_by_worker, start_worker,
-                              stop, wait_for, worker_env, write_config)
+from .workers_support import (TEST_KEY, kill_left, query, run_worker, scalar, share_for_a_while, spent_by_worker,
+                              start_worker, stop, wait_for, worker_env, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +77,7 @@ def test_kill_9_at_random_points_on_postgresql_loses_and_repeats_nothing(sim, en
 def test_both_workers_on_postgresql_share_the_ledger_without_429(tmp_path, pg_url):
     simulator = Simulator(SimConfig(port=0, refill_rate=600, start_tokens=100, seed=11, products=800))
     simulator.start()
+    backfill = upsert = None
     try:
         env = worker_env(simulator.url, pg_url, write_config(tmp_path))
         backfill = start_worker("backfill", env, log=tmp_path / "backfill.log")
@@ -85,6 +86,7 @@ def test_both_workers_on_postgresql_share_the_ledger_without_429(tmp_path, pg_ur
         codes = stop(backfill), stop(upsert)
         stats = simulator.stats()
     finally:
+        kill_left(backfill, upsert)
         simulator.stop()
     assert codes == (0, 0), (tmp_path / "backfill.log").read_text()[-2000:] + (tmp_path / "upsert.log").read_text()[-2000:]
     spent = spent_by_worker(pg_url)

@@ -11,7 +11,7 @@ from ingest.keepa import KeepaRequestError
 from ingest.leases import LeaseLost
 from ingest.simulator import SimConfig, Simulator
 
-from .workers_support import (TEST_KEY, checkpoint, query, run_worker, scalar, share_for_a_while,
+from .workers_support import (TEST_KEY, checkpoint, kill_left, query, run_worker, scalar, share_for_a_while,
                               spent_by_worker, start_worker, stop, wait_for, worker_env, write_config)
 
 pytestmark = pytest.mark.slow
@@ -89,6 +89,7 @@ def test_sigterm_releases_the_lease_and_exits_zero(sim, env, db_path):
 def test_both_workers_share_tokens_without_429(tmp_path, db_path):
     simulator = Simulator(SimConfig(port=0, refill_rate=600, start_tokens=100, seed=11, products=800))
     simulator.start()
+    backfill = upsert = None
     try:
         env = worker_env(simulator.url, db_path, write_config(tmp_path))
         backfill = start_worker("backfill", env)
@@ -97,6 +98,7 @@ def test_both_workers_share_tokens_without_429(tmp_path, db_path):
         assert stop(backfill) == 0 and stop(upsert) == 0
         stats = simulator.stats()
     finally:
+        kill_left(backfill, upsert)
         simulator.stop()
     spent = spent_by_worker(db_path)
     assert stats["responses_429"] == 0, (stats, spent)

@@ -68,6 +68,14 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 15) -> int
         return proc.wait()
 
 
+def kill_left(*procs: "subprocess.Popen | None") -> None:
+    """SIGKILL whichever of `procs` still runs (a test that failed before stopping them)."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
