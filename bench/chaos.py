@@ -86,13 +86,7 @@ def start_postgres():
         print(f"chaos: --postgres: {why}", file=sys.stderr)
         return None, None
     server = PgServer.start()
-    url = server.create_database()
-    from ingest.backends import open_store
-
-    admin = open_store(url).connect()
-    admin.execute("CREATE EXTENSION amcheck")
-    admin.close()
-    return server, url
+    return server, server.create_database(extensions=("amcheck",))
 
 
 def main(argv=None) -> int:
@@ -134,7 +128,8 @@ def run_chaos(args, db: str | None) -> int:
         return 128 + interrupted.signum
     print()
     store = "PostgreSQL" if settings.db else "SQLite"
-    print(f"chaos run on {store}: {settings.duration_s:.0f}s of chaos, seed {settings.seed}, {settings.products} products, "
+    print(f"chaos run on {store}: {settings.duration_s:.0f}s of chaos, seed {settings.seed}, "
+          f"{settings.products} products, "
           f"ttl {settings.ttl_s:g}s / renew {settings.renew_s:g}s / retry {settings.retry_s:g}s, "
           f"{time.monotonic() - started:.0f}s in all")
     print(format_table(rows))

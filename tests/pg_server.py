@@ -193,8 +193,9 @@ class PgServer:
         """A libpq URL for `database` on this server's socket."""
         return f"postgresql://{SUPERUSER}@/{database}?host={self.root}&port={PORT}"
 
-    def create_database(self) -> str:
-        """A new, empty database; returns its URL."""
+    def create_database(self, *, extensions: tuple[str, ...] = ()) -> str:
+        """A new, empty database with `extensions` created in it (an administrator's step, e.g.
+        amcheck for the integrity check); returns its URL."""
         import psycopg
 
         with self._lock:
@@ -202,6 +203,9 @@ class PgServer:
             name = f"ingest_test_{self._databases}"
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        with psycopg.connect(self.url(name), autocommit=True) as conn:
+            for extension in extensions:
+                conn.execute(f'CREATE EXTENSION "{extension}"')
         return self.url(name)
 
     def stop(self) -> None:

@@ -3,8 +3,9 @@
 The copy holds the real supervisor.d/ and scripts/ (so the tests exercise the shipped files), a
 .venv/bin of links to the test's own interpreter and tools, an ingest.toml with short lease
 timings, and its own var/. Its database is var/ingest.db, or with `db=` a PostgreSQL URL, given
-to supervisord the way an operator does: INGEST_DB in ./ingest.env. It lives in a short /tmp folder: unix socket paths are limited to
-~100 characters. `close()` shuts supervisord down and kills anything left, even after a failure.
+to supervisord the way an operator does: INGEST_DB in ./ingest.env. It lives in a short /tmp
+folder: unix socket paths are limited to ~100 characters. `close()` shuts supervisord down and
+kills anything left, even after a failure.
 """
 
 import os
@@ -73,8 +74,9 @@ class SupervisedProject:
 
     # ------------------------------------------------------------ running things
 
-    def run(self, *args, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
+    def run(self, *args, timeout: float = 120, check: bool = True,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        done = subprocess.run(args, cwd=self.root, env=env or self.env, capture_output=True, text=True, timeout=timeout)
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(map(str, args))} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
         return done
@@ -84,12 +86,8 @@ class SupervisedProject:
 
     def ingest(self, *args, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess:
         """An admin command on the programs' database (as an operator runs one with INGEST_DB)."""
-        env = {**self.env, "INGEST_DB": str(self.store.target)}
-        done = subprocess.run([str(self.root / ".venv/bin/ingest"), *args], cwd=self.root, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        if check and done.returncode != 0:
-            raise AssertionError(f"ingest {' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
-        return done
+        return self.run(str(self.root / ".venv/bin/ingest"), *args, timeout=timeout, check=check,
+                        env={**self.env, "INGEST_DB": str(self.store.target)})
 
     def ctl(self, *args, **kwargs) -> subprocess.CompletedProcess:
         return self.run(str(self.root / ".venv/bin/supervisorctl"), "-c", CONF, *args, **kwargs)

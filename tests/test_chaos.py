@@ -21,7 +21,6 @@ import pytest
 from bench.chaos import settings_for
 from bench.chaos_checks import all_rows, format_table
 from bench.chaos_lib import ChaosRun, kill_processes_of, processes_of
-from ingest.backends import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 UP_LINE = re.compile(r"supervisord up: pid (\d+) in (\S+)")
@@ -59,12 +58,10 @@ def test_nothing_lost_nothing_stalls_no_token_wasted_under_chaos():
 
 
 @pytest.mark.timeout(240)
-def test_the_same_invariants_hold_with_the_state_in_postgresql(pg_url):
+def test_the_same_invariants_hold_with_the_state_in_postgresql(pg_server):
     """The programs get the URL as INGEST_DB in ingest.env, as an operator gives it; shorter than
     the SQLite run (bench/chaos.py --postgres --duration 120 is the long one, docs/chaos.md)."""
-    admin = open_store(pg_url).connect()
-    admin.execute("CREATE EXTENSION amcheck")  # the integrity check's: an administrator's step
-    admin.close()
+    pg_url = pg_server.create_database(extensions=("amcheck",))  # the integrity check's
     rows = assert_every_fault_injected_and_every_invariant_held(*chaos(settings_for(50.0, seed=3, db=pg_url)))
     assert rows["amcheck bt_index_check(heapallindexed)"].value == "ok"
     assert int(rows["lease events: taken_over_dead"].value) > 0

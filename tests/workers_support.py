@@ -101,17 +101,22 @@ def query(db_path: "Path | str", sql: str, *args):
         conn.close()
 
 
-def scalar(db_path: "Path | str", sql: str, *args):
-    """One value, or None while the database or its tables do not exist yet (a worker that
-    has just started may not have migrated the file)."""
+def rows_when_ready(db_path: "Path | str", sql: str, *args) -> list | None:
+    """The rows of `sql`, or None while the database or its tables do not exist yet (a worker
+    that has just started may not have migrated the file)."""
     if not is_url(db_path) and not Path(db_path).exists():
         return None
     try:
-        rows = query(db_path, sql, *args)
+        return query(db_path, sql, *args)
     except Exception as e:
         if "no such table" in str(e) or "does not exist" in str(e):
             return None
         raise
+
+
+def scalar(db_path: "Path | str", sql: str, *args):
+    """One value, or None while the database or its tables do not exist yet."""
+    rows = rows_when_ready(db_path, sql, *args)
     return rows[0][0] if rows else None
 
 
@@ -120,14 +125,7 @@ SPENT_SQL = "SELECT worker, CAST(sum(actual) AS BIGINT) FROM keepa_calls GROUP B
 
 def spent_by_worker(db_path: "Path | str") -> dict[str, int]:
     """Tokens each worker spent (the call log), {} while the database or its tables do not exist."""
-    if not is_url(db_path) and not Path(db_path).exists():
-        return {}
-    try:
-        return {worker: spent or 0 for worker, spent in query(db_path, SPENT_SQL)}
-    except Exception as e:
-        if "no such table" in str(e) or "does not exist" in str(e):
-            return {}
-        raise
+    return {worker: spent or 0 for worker, spent in rows_when_ready(db_path, SPENT_SQL) or ()}
 
 
 def share_for_a_while(db_path: "Path | str", at_least_s: float = 8.0) -> None:
